@@ -1,0 +1,17 @@
+"""wq: post-training weight-only quantization for LLMs.
+
+    import wq
+    report = wq.quantize_model(model, "W4G128", algo="rtn")
+    wq.save(model, "out", tokenizer=tok)
+    model = wq.load("out")
+"""
+
+__version__ = "0.1.0"
+
+from .api import QuantReport, quantize_model  # noqa: E402
+from .config import QuantConfig  # noqa: E402
+from .io import load, save  # noqa: E402
+from .scheme import QuantScheme, SchemeError  # noqa: E402
+
+__all__ = ["QuantConfig", "QuantReport", "QuantScheme", "SchemeError", "__version__", "load",
+           "quantize_model", "save"]

@@ -1,0 +1,121 @@
+"""The Python API the CLI calls: quantize_model swaps QuantLinear into a model in place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import ALGORITHMS
+from .nn import DEFAULT_SKIP, QuantLinear, plan_layers, set_module
+from .scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    scheme: str
+    error: float  # relative weight error
+    seconds: float
+    bytes_before: int
+    bytes_after: int
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    scheme: str
+    algo: str
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def mean_error(self) -> float:
+        errs = [r.error for r in self.layers.values()]
+        return sum(errs) / len(errs) if errs else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "algo": self.algo,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "mean_relative_error": self.mean_error,
+            "layers": {n: vars(r) for n, r in self.layers.items()},
+            "skipped": self.skipped,
+        }
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: QuantScheme | str,
+    *,
+    algo: str = "rtn",
+    calib=None,
+    tokenizer=None,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    override=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **algo_args,
+) -> QuantReport:
+    """Quantize every eligible nn.Linear of `model` in place (QuantLinear swapped in).
+
+    scheme: "W4G128" etc.; algo: a registered algorithm name; calib/tokenizer: calibration text for
+    calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery). Returns a QuantReport
+    and records the plan on `model.wq_quant` for wq.save.
+    """
+    scheme = QuantScheme.parse(scheme)
+    if not scheme.is_int:
+        raise ValueError(f"quantize_model takes integer schemes; for {scheme} use the float conversion path")
+    algorithm = ALGORITHMS.get(algo)(**algo_args)
+    plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
+    if not plan:
+        raise ValueError("no Linear layer left to quantize: check --skip / --override patterns")
+    for name, reason in skipped.items():
+        log.info("skipping %s: %s", name, reason)
+    report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
+    t0 = time.perf_counter()
+    if algorithm.needs_calibration:
+        from .calib import quantize_calibrated  # the block-by-block pipeline
+
+        quantize_calibrated(model, plan, algorithm, report, calib=calib, tokenizer=tokenizer, device=device,
+                            progress=progress)
+    else:
+        _quantize_data_free(model, plan, algorithm, report, device=device, progress=progress)
+    report.seconds = time.perf_counter() - t0
+    model.wq_quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
+                      "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict()}
+    return report
+
+
+def _quantize_data_free(model, plan, algorithm, report: QuantReport, *, device, progress: bool) -> None:
+    dev = torch.device(device) if device else None
+    bar = tqdm(plan.items(), desc=f"{algorithm.name} {report.scheme}", unit="layer", disable=not progress)
+    for name, scheme in bar:
+        linear = model.get_submodule(name)
+        t = time.perf_counter()
+        w = linear.weight.detach()
+        home = w.device
+        result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
+        qlinear = QuantLinear.from_packed(result.packed.to(home), linear.bias)
+        set_module(model, name, qlinear)
+        report.layers[name] = LayerReport(
+            scheme=str(scheme), error=result.error, seconds=time.perf_counter() - t,
+            bytes_before=w.numel() * w.element_size() + _bias_bytes(linear),
+            bytes_after=result.packed.nbytes() + _bias_bytes(linear), stats=result.stats,
+        )
+        bar.set_postfix(layer=name.split(".")[-1], err=f"{result.error:.4f}")
+
+
+def _bias_bytes(linear: nn.Module) -> int:
+    b = getattr(linear, "bias", None)
+    return 0 if b is None else b.numel() * b.element_size()

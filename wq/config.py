@@ -1,0 +1,147 @@
+"""QuantConfig: the one description of a quantization run.
+
+The same dataclass is the CLI's flags (built from the field metadata below, never listed twice),
+the YAML recipes in configs/ (`--recipe FILE`), and the "recipe" block of each checkpoint's wq.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, *, flag: str | None = None, short: str | None = None, choices=None,
+       repeat: bool = False, metavar: str | None = None, cli: bool = True):
+    meta = {"help": help, "flag": flag, "short": short, "choices": choices, "repeat": repeat,
+            "metavar": metavar, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class QuantConfig:
+    # what and where
+    model: str | None = _f(None, "Hugging Face hub id or local directory; omit (or 'default') for the bundled "
+                           "SmolLM2-135M-Instruct", cli=False)
+    scheme: str = _f("W4G128", "quantization scheme: W<bits>G<group>[-sym|-asym] (bits 2/3/4/8, group "
+                     "-1/32/64/128/256; symmetric by default at 4/8 bits, asymmetric at 2/3), or BF16/FP16/FP8")
+    algo: str = _f("rtn", "algorithm: rtn (no data), gptq or autoround (calibrated)")
+    output: str | None = _f(None, "output directory (written atomically: temp dir, then rename)",
+                            flag="--output", short="-o")
+    format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
+                           "one that gives fast vLLM kernels for the scheme", repeat=True)
+    overwrite: bool = _f(False, "replace OUT if it exists")
+    device: str | None = _f(None, "compute device for quantization (cpu, cuda, cuda:1); default: cuda if "
+                            "available else cpu")
+    skip: list[str] = _f(["lm_head"], "regex of Linear names to leave unquantized, repeatable (default: lm_head)",
+                         repeat=True, metavar="PATTERN")
+    override: list[str] = _f([], "per-layer scheme, repeatable: PATTERN=SCHEME, e.g. 'down_proj=W8G128' "
+                             "(mixed precision; =BF16 keeps the layer unquantized)", repeat=True,
+                             metavar="PATTERN=SCHEME")
+    mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
+    # calibration
+    calib: str | None = _f(None, "calibration text: a Hub dataset name, a local .txt/.jsonl file or folder; "
+                           "default: the shipped Jane Austen corpus (Emma)")
+    nsamples: int = _f(128, "calibration samples")
+    seqlen: int = _f(2048, "calibration sample length in tokens (clipped to the text and the model)")
+    seed: int = _f(0, "random seed for sample selection and algorithms")
+    batch_size: int = _f(8, "calibration batch size")
+    low_mem: bool = _f(False, "keep calibration activations on CPU between blocks")
+    resume: bool = _f(False, "continue an interrupted calibrated run from its last finished block")
+    # algorithm settings
+    damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
+    act_order: bool = _f(False, "gptq: quantize columns in order of decreasing Hessian diagonal "
+                         "(static groups keep g_idx valid)")
+    block_size: int = _f(128, "gptq: columns per lazy-update block")
+    iters: int = _f(200, "autoround: signed-gradient iterations per block")
+    lr: float | None = _f(None, "autoround: learning rate (default 1/iters)")
+    # evaluation
+    eval: bool = _f(False, "after saving, evaluate perplexity (and --eval-tasks) against the unquantized model")
+    eval_seqlen: int = _f(2048, "evaluation window length in tokens")
+    eval_windows: int | None = _f(None, "evaluate at most this many windows (default: all)")
+    eval_ppl: list[str] = _f([], "perplexity datasets for --eval, repeatable (default: wikitext2, or the "
+                             "Austen corpus for the bundled model)", repeat=True, metavar="NAME|FILE")
+    eval_tasks: list[str] = _f([], "lm-eval tasks or presets for --eval, repeatable", repeat=True)
+    # publishing
+    push_to_hub: str | None = _f(None, "after saving, upload to this Hub repo id with a model card",
+                                 metavar="REPO_ID")
+    private: bool = _f(False, "create the Hub repo as private")
+    revision: str | None = _f(None, "Hub branch to upload to")
+    force: bool = _f(False, "write even when the audit finds problems (FP16 overflow)")
+
+    # -------------------------------------------------------------------------------- dicts
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuantConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping of QuantConfig fields")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})
+
+    def algo_args(self) -> dict[str, Any]:
+        """Settings handed to the algorithm (each algorithm takes what it knows)."""
+        return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed")}
+
+    # -------------------------------------------------------------------------------- CLI
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, from the field metadata; defaults come from --recipe or the dataclass."""
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("cli", True):
+                continue
+            names = [meta.get("flag") or "--" + f.name.replace("_", "-")]
+            if meta.get("short"):
+                names.insert(0, meta["short"])
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            help_text = meta["help"]
+            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+            if isinstance(default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+                help_text += f" (default: {default})"
+            elif meta.get("repeat"):
+                kw["action"] = "append"
+                kw["metavar"] = meta.get("metavar") or f.name.upper()
+            else:
+                kw["type"] = _field_type(f.type)
+                kw["metavar"] = meta.get("metavar") or f.name.upper()
+                help_text += f" (default: {default})"
+            parser.add_argument(*names, help=help_text, **kw)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, base: QuantConfig | None = None) -> QuantConfig:
+        """Flags given on the command line override the recipe (or defaults)."""
+        cfg = dataclasses.replace(base) if base else cls()
+        for f in dataclasses.fields(cls):
+            if not hasattr(args, f.name):
+                continue
+            value = getattr(args, f.name)
+            if f.metadata.get("repeat"):  # repeated flags add to the recipe's (or default) list
+                value = list(dict.fromkeys(list(getattr(cfg, f.name)) + list(value)))
+            setattr(cfg, f.name, value)
+        return cfg
+
+
+def _field_type(annotation: str):
+    a = str(annotation)
+    if "int" in a:
+        return int
+    if "float" in a:
+        return float
+    return str

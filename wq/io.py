@@ -1,0 +1,270 @@
+"""Save and load quantized checkpoints: safetensors shards + config.json + wq.json, written atomically.
+
+Layout of OUT (one format per directory; several formats write OUT/<format>/):
+    config.json                  the model config with `quantization_config` (the format's keys)
+    model.safetensors            or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    wq.json                      recipe, versions, per-layer schemes, the quantization report
+    tokenizer files, generation_config.json when given
+Everything is written to a temporary sibling directory that is renamed into place at the end, so an
+interrupted or failed save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .formats import FORMATS
+from .nn import QuantLinear, set_module
+from .packing import PackedWeight
+from .scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+WQ_JSON = "wq.json"
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+def default_format(scheme: QuantScheme | str) -> str:
+    """The format that gives the user fast kernels in vLLM for this scheme.
+
+    4/8-bit symmetric integer: gptq (Marlin/Machete). Anything else: compressed-tensors where it is
+    available (vLLM's route for 2/3-bit and asymmetric weights), else wq's native format.
+    """
+    s = QuantScheme.parse(scheme)
+    if s.is_int and s.sym and s.bits in (4, 8):
+        return "gptq"
+    return "compressed-tensors" if "compressed-tensors" in FORMATS else "wq"
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"wq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | None = None, *, tokenizer=None,
+         config: Any = None, overwrite: bool = False, extra: dict | None = None) -> list[Path]:
+    """Write `model` (quantized in place by wq.quantize_model) to `out`. Returns the directories written.
+
+    format: a registered format name or a list of them (None: default_format of the main scheme).
+    config: the QuantConfig of the run (stored in wq.json as the recipe); extra: more wq.json keys.
+    """
+    quant = getattr(model, "wq_quant", None)
+    if quant is None:
+        raise ValueError("model has no wq quantization: run wq.quantize_model(model, scheme) first")
+    formats = [format] if isinstance(format, str) else list(format or [default_format(quant["scheme"])])
+    formats = list(dict.fromkeys(formats))
+    for name in formats:
+        fmt = FORMATS.get(name)()
+        for layer, s in quant["layers"].items():
+            reason = fmt.why_not(QuantScheme.parse(s))
+            if reason:
+                raise ValueError(f"format {name!r} cannot store layer {layer} ({s}): {reason}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
+    try:
+        written = []
+        for name in formats:
+            target = tmp / name if len(formats) > 1 else tmp
+            target.mkdir(parents=True, exist_ok=True)
+            _write_one(model, target, FORMATS.get(name)(), quant, tokenizer, config, extra)
+            written.append(out / name if len(formats) > 1 else out)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for d in written:
+        log.info("wrote %s (%s)", d, json.loads((d / "config.json").read_text())["quantization_config"]
+                 ["quant_method"])
+    return written
+
+
+def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> None:
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    packed = {n: m.packed for n, m in qmods.items()}
+    options = fmt.prepare(packed)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in qmods:
+            continue
+        state[key] = tensor
+    for name, pw in packed.items():
+        for suffix, t in fmt.layer_tensors(pw, options).items():
+            state[f"{name}.{suffix}"] = t
+        if qmods[name].bias is not None:
+            state[f"{name}.bias"] = qmods[name].bias
+    state = _drop_tied(model, state)
+    _write_shards(state, target)
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = fmt.quantization_config(quant, options)
+    (target / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.save_pretrained(target)
+        except Exception as e:  # a bad generation config must not lose the checkpoint
+            log.warning("generation_config not saved: %s", e)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    meta = {
+        "format": fmt.name,
+        "scheme": quant["scheme"],
+        "algo": quant["algo"],
+        "layers": quant["layers"],
+        "recipe": config.to_dict() if hasattr(config, "to_dict") else config,
+        "versions": versions(),
+        "report": quant.get("report"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    (target / WQ_JSON).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _drop_tied(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights (lm_head = embed_tokens) are stored once, as transformers does."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            continue
+        if ident is not None:
+            seen[ident] = key
+        out[key] = t
+    return out
+
+
+def _write_shards(state: dict[str, torch.Tensor], target: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous().cpu()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(target / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(target / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors (or index) found; is this a wq checkpoint?")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def _empty_model(config, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Rebuild a quantized model from any directory wq writes. Returns the model (eval mode).
+
+    device: where to put it (default cpu); dtype: dtype of the unquantized parameters and activations
+    (default: the checkpoint's own).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        subdirs = [d.name for d in path.iterdir() if (d / "config.json").exists()] if path.is_dir() else []
+        hint = f"; it holds formats {subdirs}: load {path}/<format>" if subdirs else ""
+        raise FileNotFoundError(f"{path}: no config.json{hint}")
+    raw = json.loads((path / "config.json").read_text())
+    qconfig = raw.get("quantization_config") or {}
+    method = qconfig.get("quant_method")
+    fmt = next((FORMATS.get(n)() for n in FORMATS if FORMATS.get(n).quant_method == method), None)
+    if fmt is None:
+        raise ValueError(f"{path}: quant_method {method!r} is not one wq reads ({', '.join(FORMATS.names())})")
+    meta = json.loads((path / WQ_JSON).read_text()) if (path / WQ_JSON).exists() else {}
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # wq builds the quantized modules itself
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _empty_model(config, dtype)
+    state = read_state(path)
+    qnames = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".weight_packed"))})
+    schemes = ({n: QuantScheme.parse(meta["layers"][n]) for n in qnames} if meta.get("layers")
+               else fmt.layer_schemes(qconfig, qnames))
+    for name in qnames:
+        linear = model.get_submodule(name)
+        suffixes = {k[len(name) + 1:]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
+        pw = fmt.read_layer(suffixes, schemes[name], linear.in_features, linear.out_features, qconfig)
+        bias = suffixes.get("bias")
+        set_module(model, name, QuantLinear.from_packed(pw, None if bias is None else bias.to(dtype)))
+        for k in list(suffixes):
+            state.pop(f"{name}.{k}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    qbuffers = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in qbuffers]
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    model.wq_quant = {"scheme": meta.get("scheme") or str(next(iter(schemes.values()))),
+                      "algo": meta.get("algo", "unknown"), "algo_args": (meta.get("recipe") or {}),
+                      "layers": {n: str(s) for n, s in schemes.items()}, "report": meta.get("report")}
+    model.eval()
+    return model.to(device or "cpu")
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedWeight]:
+    return {n: m.packed for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,6 @@
+"""Kernels: the torch reference plus fast paths, chosen by `dispatch.select`."""
+
+from .dispatch import KERNELS, Kernel, force_kernel, matmul, select
+from .reference import reference_matmul
+
+__all__ = ["KERNELS", "Kernel", "force_kernel", "matmul", "reference_matmul", "select"]

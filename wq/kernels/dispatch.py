@@ -1,0 +1,128 @@
+"""Kernel dispatch: kernels declare what they support as data; one function picks the best.
+
+A kernel is chosen per (device type, activation dtype, bits, group size, sym, M) where M is the
+number of activation rows (batch x tokens). `WQ_KERNEL=<name>` or `force_kernel(name)` pins one
+(`reference` is ground truth). The choice, and why the better-ranked kernels were passed over, is
+logged once per key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..packing import PackedWeight
+from ..registry import Registry
+from .reference import reference_matmul
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """What a kernel can do, as data. `None` in a capability field means "any"."""
+
+    name: str
+    fn: Callable[..., Tensor]  # fn(x, pw, bias, state) -> y
+    bits: frozenset[int] | None = None
+    group_sizes: frozenset[int] | None = None  # -1 = per channel
+    devices: frozenset[str] | None = None  # torch device types: "cpu", "cuda"
+    dtypes: frozenset[torch.dtype] | None = None  # activation dtypes
+    sym: bool | None = None  # True: symmetric only; None: both
+    min_m: int = 1
+    max_m: int | None = None
+    priority: int = 0  # higher wins among the eligible
+    available: Callable[[], bool] = field(default=lambda: True)
+    # repack once per layer (at load time or first call) into the kernel's own layout; cached
+    prepare: Callable[[PackedWeight], Any] | None = None
+    needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
+
+    def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int) -> str | None:
+        """None if this kernel can run the call, else the reason it cannot."""
+        s = pw.scheme
+        if self.devices is not None and device not in self.devices:
+            return f"device {device} not in {sorted(self.devices)}"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"dtype {dtype} unsupported"
+        if self.bits is not None and s.bits not in self.bits:
+            return f"{s.bits}-bit unsupported"
+        if self.group_sizes is not None and s.group_size not in self.group_sizes:
+            return f"group {s.group_size} unsupported"
+        if self.sym is not None and s.sym != self.sym:
+            return "asymmetric unsupported" if self.sym else "symmetric unsupported"
+        if m < self.min_m or (self.max_m is not None and m > self.max_m):
+            return f"M={m} outside [{self.min_m}, {self.max_m}]"
+        if self.needs_g_idx_free and pw.g_idx is not None:
+            return "act-order g_idx unsupported"
+        if not self.available():
+            return "backend not available"
+        return None
+
+
+KERNELS: Registry[Kernel] = Registry("kernel")
+KERNELS.add(
+    "reference",
+    Kernel(name="reference", fn=lambda x, pw, bias, state: reference_matmul(x, pw, bias), priority=-100),
+)
+
+_forced: str | None = None
+_logged: set[tuple] = set()
+
+
+def force_kernel(name: str | None) -> None:
+    """Pin one kernel for every call (None: back to automatic). Overrides WQ_KERNEL."""
+    global _forced
+    if name is not None:
+        KERNELS.get(name)  # unknown names fail here, with a "did you mean"
+    _forced = name
+
+
+def forced_kernel() -> str | None:
+    return _forced or os.environ.get("WQ_KERNEL") or None
+
+
+def select(x: Tensor, pw: PackedWeight) -> Kernel:
+    """The best kernel for this call; falls back to the reference."""
+    m = x.numel() // x.shape[-1] if x.numel() else 1
+    device, dtype = x.device.type, x.dtype
+    name = forced_kernel()
+    if name:
+        kernel = KERNELS.get(name)
+        reason = kernel.why_not(device, dtype, pw, m)
+        if reason and name != "reference":
+            raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
+        return kernel
+    ranked = sorted((KERNELS.get(n) for n in KERNELS), key=lambda k: -k.priority)
+    passed = []
+    for kernel in ranked:
+        reason = kernel.why_not(device, dtype, pw, m)
+        if reason is None:
+            key = (device, dtype, str(pw.scheme), kernel.name)
+            if key not in _logged:
+                _logged.add(key)
+                skipped = "; ".join(f"{n}: {r}" for n, r in passed) or "none"
+                log.info("kernel %s for %s %s on %s (passed over: %s)", kernel.name, pw.scheme, dtype,
+                         device, skipped)
+            return kernel
+        passed.append((kernel.name, reason))
+    return KERNELS.get("reference")
+
+
+def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict | None = None) -> Tensor:
+    """y = x @ dequant(W)^T (+ bias) with the selected kernel; `cache` keeps repacked weights per kernel."""
+    kernel = select(x, pw)
+    state = None
+    if kernel.prepare is not None:
+        if cache is None:
+            state = kernel.prepare(pw)
+        else:
+            state = cache.get(kernel.name)
+            if state is None:
+                state = cache[kernel.name] = kernel.prepare(pw)
+    return kernel.fn(x, pw, bias, state)
