@@ -1,5 +1,6 @@
 """Kernels: the torch reference plus fast paths, chosen by `dispatch.select`."""
 
+from . import cpu_aten, cpu_native  # noqa: F401  (registers the CPU kernels)
 from .dispatch import KERNELS, Kernel, force_kernel, matmul, select
 from .reference import reference_matmul
 

@@ -1,0 +1,133 @@
+"""`cpu_avx2`: wq's own AVX2 GEMV / small-GEMM for 2/3/4/8-bit weights (C++ torch extension).
+
+The extension (csrc/cpu_gemv.cpp) is compiled with the machine's compiler on first use and cached
+by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); when it cannot build, the
+kernel reports itself unavailable (logged once with the reason) and dispatch falls back to the aten
+kernels or the reference. `WQ_NO_NATIVE=1` skips the build.
+
+Weights are repacked once per layer at their real width (4-bit nibbles interleaved, 2-bit crumbs,
+3-bit as a 2-bit plane plus a 1-bit plane, 8-bit bytes; see the .cpp for the exact byte layout),
+activations are fp32, accumulation is fp32, rows of W are split over torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..packing import PackedWeight
+from .cpu_aten import _act_order_perm, _ceil_to
+from .dispatch import KERNELS, Kernel
+from .reference import reference_matmul
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+_ext = None
+_failed: str | None = None
+
+
+def extension():
+    """The compiled extension module, or None when it cannot be built here (reason logged once)."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None:
+        return _ext
+    if os.environ.get("WQ_NO_NATIVE"):
+        _failed = "WQ_NO_NATIVE is set"
+    elif torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _failed = f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"
+    else:
+        try:
+            from torch.utils.cpp_extension import load
+
+            _ext = load(name="wq_cpu_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+                        verbose=False)
+        except Exception as e:  # compiler missing or failing: the kernel is unavailable, said once
+            _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+    if _failed is not None:
+        log.warning("cpu_avx2 kernel unavailable (%s); CPU layers use the aten/reference kernels", _failed)
+    return _ext
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def pack_rows(q: Tensor, bits: int) -> Tensor:
+    """Codes int [N, Kp] (Kp % 32 == 0) -> uint8 [N, Kp/32 * block_bytes] in the kernel's layout."""
+    n, kp = q.shape
+    b = q.to(torch.uint8).reshape(n, kp // 32, 32)  # [N, blocks, 32]
+    if bits == 8:
+        out = b
+    elif bits == 4:
+        out = b[..., :16] | (b[..., 16:] << 4)  # byte j: code j, code j+16
+    else:
+        lo = b & 3
+        crumbs = lo[..., 0:8] | (lo[..., 8:16] << 2) | (lo[..., 16:24] << 4) | (lo[..., 24:32] << 6)
+        if bits == 2:
+            out = crumbs
+        else:  # 3-bit: + 32-bit plane of bit 2, little endian, bit j = code j
+            hi = ((b >> 2) & 1).to(torch.int64)
+            plane = (hi << torch.arange(32)).sum(-1)  # [N, blocks]
+            plane_bytes = torch.stack([(plane >> (8 * i)) & 0xFF for i in range(4)], -1).to(torch.uint8)
+            out = torch.cat([crumbs, plane_bytes], -1)
+    return out.reshape(n, -1).contiguous()
+
+
+@dataclass
+class NativeState:
+    w: Tensor  # uint8 [N, Kp/32 * block_bytes]
+    scales: Tensor  # fp32 [N, n_groups]
+    zs: Tensor  # fp32 [N, n_groups]: zero * scale
+    group: int  # multiple of 32 (per channel: Kp)
+    k_pad: int
+    perm: Tensor | None
+
+
+def prepare_native(pw: PackedWeight) -> NativeState | None:
+    n, k = pw.out_features, pw.in_features
+    bits = pw.scheme.bits
+    group = pw.group
+    if pw.scheme.group_size != -1 and group % 32:
+        return None
+    perm = _act_order_perm(pw, group)
+    if perm is False:
+        log.warning("cpu_avx2: act-order g_idx with uneven groups; this layer runs on the reference")
+        return None
+    kp = _ceil_to(k, 32)
+    if pw.scheme.group_size == -1:
+        group = kp
+    q = pw.codes().cpu()
+    if perm is not None:
+        q = q[:, perm]
+    z = pw.zeros.float().cpu().t()  # [N, n_groups]
+    codes = torch.zeros(n, kp, dtype=torch.int32)
+    codes[:, :k] = q  # padded channels meet zero-padded activations
+    s = pw.scales.float().cpu().t().contiguous()
+    return NativeState(pack_rows(codes, bits), s, (z * s).contiguous(), group, kp - k, perm)
+
+
+def native_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None) -> Tensor:
+    if state is None:
+        return reference_matmul(x, pw, bias)
+    xs = x.reshape(-1, pw.in_features).float()  # [M, K]
+    if state.perm is not None:
+        xs = xs.index_select(1, state.perm)
+    if state.k_pad:
+        xs = F.pad(xs, (0, state.k_pad))
+    y = extension().gemv(xs.contiguous(), state.w, state.scales, state.zs, pw.scheme.bits, state.group)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
+
+
+KERNELS.add("cpu_avx2", Kernel(
+    name="cpu_avx2", fn=native_matmul, prepare=prepare_native, bits=frozenset({2, 3, 4, 8}),
+    devices=frozenset({"cpu"}), max_m=16, priority=20, available=available,
+))
