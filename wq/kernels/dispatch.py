@@ -73,6 +73,7 @@ KERNELS.add(
 
 _forced: str | None = None
 _logged: set[tuple] = set()
+_memo: dict[tuple, Kernel] = {}
 
 
 def force_kernel(name: str | None) -> None:
@@ -98,6 +99,15 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel
+    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, len(KERNELS.names()))
+    hit = _memo.get(memo_key)  # a decode step calls select once per layer: keep it off the hot path
+    if hit is not None:
+        return hit
+    _memo[memo_key] = kernel = _rank(pw, m, device, dtype)
+    return kernel
+
+
+def _rank(pw: PackedWeight, m: int, device: str, dtype: torch.dtype) -> Kernel:
     ranked = sorted((KERNELS.get(n) for n in KERNELS), key=lambda k: -k.priority)
     passed = []
     for kernel in ranked:
@@ -122,7 +132,7 @@ def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict 
         if cache is None:
             state = kernel.prepare(pw)
         else:
-            state = cache.get(kernel.name)
-            if state is None:
-                state = cache[kernel.name] = kernel.prepare(pw)
+            if kernel.name not in cache:  # prepare may return None (layer runs on the reference): once
+                cache[kernel.name] = kernel.prepare(pw)
+            state = cache[kernel.name]
     return kernel.fn(x, pw, bias, state)

@@ -130,13 +130,18 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch
   TORCH_CHECK(kp % 32 == 0 && group % 32 == 0, "Kp and group must be multiples of 32");
   TORCH_CHECK(w.size(1) == kp / 32 * block_bytes((int)bits), "w row bytes do not match Kp and bits");
   TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
-  auto xsum = x.view({M, -1, 32}).sum(-1);  // [M, Kp/32] block sums -> group sums
-  if (group != 32) {
-    auto padded = torch::zeros({M, ng * (group / 32)}, x.options());
-    padded.narrow(1, 0, kp / 32).copy_(xsum);
-    xsum = padded.view({M, ng, group / 32}).sum(-1);
+  auto xsum = torch::empty({M, ng}, x.options());  // [M, n_groups]: sum of x over each group
+  {
+    const float* xr = x.data_ptr<float>();
+    float* xs = xsum.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t k1 = std::min(kp, (g + 1) * group);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < k1; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xr + m * kp + k));
+        xs[m * ng + g] = hsum(acc);
+      }
   }
-  xsum = xsum.contiguous();
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* xs = xsum.data_ptr<float>();
