@@ -1,0 +1,267 @@
+"""CPU inference benchmark: wq's CPU kernels vs dense fp32/bf16 F.linear and a peer, side by side.
+
+Every number is a ratio measured in one process with the candidates interleaved repetition by
+repetition (the machine may be shared); the table shows the median over repetitions of
+dense_time / candidate_time, where "dense" is the faster of fp32 and bf16 in that repetition.
+
+    python scripts/bench_cpu.py --part layers --threads 1 2 --out docs/cpu_bench
+    python scripts/bench_cpu.py --part decode --out docs/cpu_bench
+
+Parts:
+  layers  per-layer matmul for M rows on the default model's shapes and Llama-3.2-1B shapes, each
+          scheme through the automatic dispatch and through each CPU kernel that can run it, plus
+          the auto-round torch QuantLinear (the peer installed here) where its shape rules allow.
+  decode  greedy decode tokens/s of the real SmolLM2-135M (RTN-quantized) and of a Llama-1B-shaped
+          model with random weights (fewer layers/vocab by default, see flags), dense fp32 and bf16
+          vs each scheme; plus the bytes the weights occupy (parameters, buffers, kernel caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from wq.kernels import KERNELS, force_kernel, select  # noqa: E402
+from wq.nn.quant_linear import QuantLinear  # noqa: E402
+from wq.packing import PackedWeight, pack  # noqa: E402
+from wq.scheme import QuantScheme  # noqa: E402
+
+log = logging.getLogger("bench_cpu")
+
+SHAPES = {  # (out, in)
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "llama1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],
+}
+SCHEMES = ["W4G128", "W3G128", "W2G128", "W8", "W4G-1"]
+CPU_KERNELS = ["cpu_avx2", "aten_int4", "aten_int8"]
+
+
+def random_packed(out_f: int, in_f: int, scheme: str, seed: int = 0) -> PackedWeight:
+    s = QuantScheme.parse(scheme)
+    g = torch.Generator().manual_seed(seed)
+    ng, maxq = s.n_groups(in_f), 2**s.bits - 1
+    q = torch.randint(0, maxq + 1, (out_f, in_f), generator=g)
+    scale = (torch.rand(out_f, ng, generator=g) + 0.5) * (0.04 / maxq)  # weights of about +-0.02
+    zero = torch.full((out_f, ng), 2 ** (s.bits - 1)) if s.sym else torch.randint(0, maxq + 1, (out_f, ng), generator=g)
+    return PackedWeight.from_codes(q, scale, zero, s)
+
+
+def peer_autoround(pw: PackedWeight):
+    """auto-round's torch QuantLinear (dequantizes the whole weight per call) with our tensors, or None."""
+    try:
+        from auto_round_extension.torch.qlinear_torch import QuantLinear as ARQuantLinear
+    except ImportError as e:
+        log.warning("auto-round torch QuantLinear unavailable: %s", e)
+        return None
+    s, k, n = pw.scheme, pw.in_features, pw.out_features
+    if k % 32 or n % 32 or (s.group_size != -1 and k % s.group_size):
+        return None  # its shapes assume K % G == 0 and 32-aligned K, N
+    layer = ARQuantLinear(s.bits, s.group_size, k, n, bias=False)
+    layer.qweight, layer.scales = pw.qweight.clone(), pw.scales.clone()
+    layer.qzeros = pack(pw.zeros.to(torch.int32), s.bits, dim=1)  # exact zeros: this class adds no +1
+    return layer
+
+
+def timeit(fn, target_s: float = 0.02) -> float:
+    """Seconds per call (already warm), averaged over enough calls to fill about target_s."""
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    if one >= target_s:
+        return one
+    n = max(1, min(200, int(target_s / max(one, 1e-6))))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def interleaved(cands: dict, reps: int) -> dict[str, dict]:
+    """cands: name -> fn; 'fp32' and 'bf16' must be among them. Median times and median ratios vs dense."""
+    times = {k: [] for k in cands}
+    ratios = {k: [] for k in cands}
+    for f in cands.values():
+        f()  # warm: kernel caches, allocator
+    for _ in range(reps):
+        t = {k: timeit(f) for k, f in cands.items()}
+        dense = min(t["fp32"], t["bf16"])
+        for k in cands:
+            times[k].append(t[k])
+            ratios[k].append(dense / t[k])
+    return {k: {"ms": 1e3 * statistics.median(times[k]), "x_dense": statistics.median(ratios[k])} for k in cands}
+
+
+@torch.no_grad()
+def bench_layers(args) -> list[dict]:
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for family in args.families:
+            for n, k in SHAPES[family]:
+                w32 = torch.randn(n, k) * 0.02
+                w16 = w32.bfloat16()
+                packed = {s: random_packed(n, k, s) for s in args.schemes}
+                layers = {s: QuantLinear.from_packed(pw) for s, pw in packed.items()}
+                peers = {s: peer_autoround(pw) for s, pw in packed.items()} if args.peers else {}
+                states = {}
+                for s, pw in packed.items():
+                    for kn in CPU_KERNELS:
+                        kern = KERNELS.get(kn)
+                        if kern.why_not("cpu", torch.float32, pw, 1) in (None,):
+                            states[(s, kn)] = (kern, kern.prepare(pw))
+                for m in args.m:
+                    x32 = torch.randn(m, k)
+                    x16 = x32.bfloat16()
+                    cands = {"fp32": partial(F.linear, x32, w32), "bf16": partial(F.linear, x16, w16)}
+                    auto = {}
+                    for s in args.schemes:
+                        cands[f"{s}/auto"] = partial(layers[s], x32)
+                        auto[s] = select(x32, packed[s]).name
+                        for (s2, kn), (kern, st) in states.items():
+                            if s2 == s and not (kn == "cpu_avx2" and m > args.native_max_m):
+                                cands[f"{s}/{kn}"] = partial(kern.fn, x32, packed[s], None, st)
+                        if peers.get(s) is not None and m <= args.peer_max_m:
+                            cands[f"{s}/autoround_torch"] = partial(peers[s], x32)
+                    res = interleaved(cands, args.reps)
+                    row = {"threads": threads, "family": family, "shape": f"{n}x{k}", "m": m, "auto": auto,
+                           "results": res}
+                    rows.append(row)
+                    best = {s: res[f"{s}/auto"]["x_dense"] for s in args.schemes}
+                    print(f"t={threads} {family} {n}x{k} M={m} fp32 {res['fp32']['ms']:.2f}ms "
+                          f"bf16 {res['bf16']['ms']:.2f}ms | " + " ".join(f"{s}:{v:.2f}x" for s, v in best.items()),
+                          flush=True)
+    return rows
+
+
+def module_bytes(model) -> int:
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            for state in mod._kernel_cache.values():
+                if state is not None:
+                    total += sum(v.numel() * v.element_size() for v in vars(state).values()
+                                 if isinstance(v, torch.Tensor))
+    return total
+
+
+def swap_random(model, scheme: str) -> None:
+    """Replace every decoder Linear with a QuantLinear holding random codes (timing only)."""
+    from wq.nn.surgery import set_module
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            set_module(model, name, QuantLinear.from_packed(random_packed(mod.out_features, mod.in_features, scheme)))
+
+
+@torch.no_grad()
+def bench_decode(args) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import wq
+
+    torch.set_num_threads(args.decode_threads)
+    out = []
+    # real model, RTN-quantized from its fp32 weights
+    from wq import assets
+
+    path = assets.resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok("Elizabeth Bennet walked to Netherfield because", return_tensors="pt").input_ids
+    models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    for s in args.decode_schemes:
+        q = copy.deepcopy(base)
+        wq.quantize_model(q, s, progress=False)
+        models[s] = q
+    out.append(_decode_run("smollm2-135m (real, RTN)", models, ids, args))
+    del models, base
+    # Llama-1B-shaped random model
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.llama_layers,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=args.llama_vocab,
+                      tie_word_embeddings=True, max_position_embeddings=4096)
+    base = LlamaForCausalLM(cfg).eval()
+    models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    for s in args.decode_schemes:
+        q = LlamaForCausalLM(cfg).eval()
+        swap_random(q, s)
+        models[s] = q
+    ids = torch.randint(0, args.llama_vocab, (1, ids.shape[1]))
+    name = f"llama1b-shaped (random, {args.llama_layers} layers, vocab {args.llama_vocab})"
+    out.append(_decode_run(name, models, ids, args))
+    return out
+
+
+def _decode_run(name: str, models: dict, ids, args) -> dict:
+    def gen(model):
+        return model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+
+    for m in models.values():
+        gen(m)  # warm up; also builds the kernel caches
+    tps = {k: [] for k in models}
+    ratio = {k: [] for k in models}
+    for _ in range(args.decode_reps):
+        t = {}
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            gen(m)
+            t[k] = args.tokens / (time.perf_counter() - t0)
+        dense = max(t["fp32"], t["bf16"])
+        for k in models:
+            tps[k].append(t[k])
+            ratio[k].append(t[k] / dense)
+    res = {k: {"tok_s": statistics.median(tps[k]), "x_dense": statistics.median(ratio[k]),
+               "weight_mb": module_bytes(models[k]) / 2**20} for k in models}
+    print(name)
+    for k, v in res.items():
+        print(f"  {k:8s} {v['tok_s']:7.2f} tok/s  {v['x_dense']:.2f}x dense  weights {v['weight_mb']:.0f} MiB", flush=True)
+    return {"model": name, "tokens": args.tokens, "results": res}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["layers", "decode", "all"], default="all")
+    p.add_argument("--threads", type=int, nargs="+", default=[2])
+    p.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
+    p.add_argument("--schemes", nargs="+", default=SCHEMES)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--native-max-m", type=int, default=64, help="skip cpu_avx2 timings beyond this M")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--peer-max-m", type=int, default=16)
+    p.add_argument("--decode-schemes", nargs="+", default=["W4G128", "W3G128", "W2G128", "W8"])
+    p.add_argument("--decode-threads", type=int, default=2)
+    p.add_argument("--decode-reps", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--llama-layers", type=int, default=4)
+    p.add_argument("--llama-vocab", type=int, default=32000)
+    p.add_argument("--out", type=Path, default=None, help="write <out>_<part>.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    force_kernel(None)
+    result = {"argv": sys.argv, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if args.part in ("layers", "all"):
+        result["layers"] = bench_layers(args)
+    if args.part in ("decode", "all"):
+        result["decode"] = bench_decode(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(f"{args.out}_{args.part}.json")
+        path.write_text(json.dumps(result, indent=1))
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
