@@ -17,8 +17,9 @@ zero point (it is 2**(b-1) in wq's terms).
 
 What reads it (logged at export and recorded in wq.json "consumers"):
     wq.load                  every layer
-    compressed-tensors       (its ModelCompressor; transformers' CompressedTensorsHfQuantizer) only
-                             when in_features % group_size == 0 for every layer
+    compressed-tensors       its pack-quantized decompressor: when in_features % group_size == 0
+    transformers             (CompressedTensorsHfQuantizer) the same, and symmetric only with
+                             compressed-tensors 0.20 (its loader sizes packed zero points wrongly)
     vLLM                     symmetric 2..8 bits, zero points (asymmetric) at 4/8 bits only, and
                              in_features % group_size == 0
 """
@@ -82,7 +83,13 @@ def consumers(layers: dict[str, PackedWeight]) -> dict[str, str | None]:
     if asym_odd:
         vllm = (f"vLLM serves zero points (asymmetric) at 4/8 bits only, not {', '.join(asym_odd)}; use -sym"
                 + (f"; also {why_partial}" if why_partial else ""))
-    return {"wq.load": None, "compressed-tensors": why_partial, "vllm": vllm}
+    hf = why_partial
+    if hf is None and any(not pw.scheme.sym for pw in layers.values()):
+        # seen with compressed-tensors 0.20 + transformers 5.23: on load it sizes weight_zero_point
+        # unpacked, [out, n_groups], while its own compressor writes (and decompressor reads) it packed
+        hf = ("transformers' compressed-tensors loader (0.20) sizes asymmetric zero points unpacked and "
+              "rejects packed ones; use -sym, or wq.load / vLLM")
+    return {"wq.load": None, "compressed-tensors": why_partial, "transformers": hf, "vllm": vllm}
 
 
 @FORMATS.register("compressed-tensors")
