@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..packing import PackedWeight, default_g_idx
 from ..scheme import QuantScheme
-from .base import FORMATS
+from .base import FORMATS, partial_group_reason
 from .gptq import _GPTQTensors
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,14 @@ class AutoRound(_GPTQTensors):
             if pw.g_idx is not None and not torch.equal(pw.g_idx.cpu(), default_g_idx(pw.in_features, pw.scheme)):
                 raise ValueError(f"{name}: act-order weights with a permuted g_idx cannot be written in the "
                                  "auto_round format (its loader reads no g_idx); use --format gptq or wq")
+        who = {"wq.load": None, "auto-round": partial_group_reason(layers)}
+        if who["auto-round"]:  # its inference backends keep such layers as plain Linear and fail to load
+            log.warning("auto_round export will NOT load in auto-round's loader: %s", who["auto-round"])
         all_sym = all(pw.scheme.sym for pw in layers.values())
         if all_sym:  # symmetric zero = 2**(b-1) >= 1, so zero-1 always fits
-            return {"packing_format": "auto_round:auto_gptq"}
+            return {"packing_format": "auto_round:auto_gptq", "consumers": who}
         log.info("asymmetric layers: auto_round export stores exact zero points (packing_format auto_round)")
-        return {"packing_format": "auto_round"}
+        return {"packing_format": "auto_round", "consumers": who}
 
     def layer_tensors(self, pw: PackedWeight, options: dict[str, Any]) -> dict[str, Tensor]:
         tensors = super().layer_tensors(pw, options)

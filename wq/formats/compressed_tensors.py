@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..packing import PackedWeight, default_g_idx, pack, packed_size, unpack
 from ..scheme import QuantScheme
-from .base import FORMATS, Format
+from .base import FORMATS, Format, partial_group_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,7 @@ def _weights_args(s: QuantScheme) -> dict[str, Any]:
 
 def consumers(layers: dict[str, PackedWeight]) -> dict[str, str | None]:
     """Which readers can load a pack-quantized checkpoint of these layers: name -> None (yes) or why not."""
-    partial = [(n, pw) for n, pw in layers.items()
-               if pw.scheme.group_size != -1 and pw.in_features % pw.scheme.group_size]
-    why_partial = None
-    if partial:
-        n, pw = partial[0]
-        why_partial = (f"{len(partial)} layer(s) have in_features not a multiple of the group size (e.g. {n}: "
-                       f"in={pw.in_features}, G={pw.scheme.group_size}); use a group that divides them "
-                       f"(G32/G64 for 576) or G-1")
+    why_partial = partial_group_reason(layers)
     asym_odd = sorted({str(pw.scheme) for pw in layers.values() if not pw.scheme.sym and pw.scheme.bits not in (4, 8)})
     vllm = why_partial
     if asym_odd:
