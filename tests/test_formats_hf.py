@@ -63,3 +63,13 @@ def test_from_pretrained_gptq_matches_wq(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
     torch.testing.assert_close(hf(x).logits.float(), wq.load(out, dtype=torch.float32)(x).logits,
                                rtol=0, atol=5e-3)
+
+
+def test_vllm_smoke_script_is_importable_and_says_what_it_needs(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/vllm_smoke.py", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "vLLM" in r.stdout
+    if importlib.util.find_spec("vllm") is None:
+        r = subprocess.run([sys.executable, "scripts/vllm_smoke.py", str(tmp_path)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "vLLM is not installed" in r.stderr
