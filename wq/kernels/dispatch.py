@@ -121,8 +121,8 @@ def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict 
     if kernel.prepare is not None:
         if cache is None:
             state = kernel.prepare(pw)
-        else:
-            state = cache.get(kernel.name)
+        else:  # keyed by the prepare function: kernels sharing a layout share one repacked copy
+            state = cache.get(kernel.prepare)
             if state is None:
-                state = cache[kernel.name] = kernel.prepare(pw)
+                state = cache[kernel.prepare] = kernel.prepare(pw)
     return kernel.fn(x, pw, bias, state)
