@@ -76,7 +76,7 @@ def _prepare(pw: PackedWeight) -> TritonWeight:
 
 
 _common = dict(bits=BITS, group_sizes=GROUPS, devices=frozenset({"cuda"}), dtypes=DTYPES,
-               available=available, prepare=_prepare)
+               available=available, prepare=_prepare, layout="triton")
 KERNELS.add("triton_gemv", Kernel(name="triton_gemv", fn=gemv, max_m=GEMV_MAX_M, priority=30, **_common))
 KERNELS.add("triton_gemm", Kernel(name="triton_gemm", fn=gemm, min_m=GEMV_MAX_M + 1, max_m=DEQUANT_MIN_M - 1,
                                   priority=30, **_common))
