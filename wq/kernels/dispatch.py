@@ -41,6 +41,7 @@ class Kernel:
     available: Callable[[], bool] = field(default=lambda: True)
     # repack once per layer (at load time or first call) into the kernel's own layout; cached
     prepare: Callable[[PackedWeight], Any] | None = None
+    layout: str | None = None  # kernels naming the same layout share one prepared copy (default: own name)
     needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
 
     def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int) -> str | None:
@@ -99,7 +100,7 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel
-    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, len(KERNELS.names()))
+    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, tuple(map(id, KERNELS._items.values())))
     hit = _memo.get(memo_key)  # a decode step calls select once per layer: keep it off the hot path
     if hit is not None:
         return hit
@@ -132,7 +133,8 @@ def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict 
         if cache is None:
             state = kernel.prepare(pw)
         else:
-            if kernel.name not in cache:  # prepare may return None (layer runs on the reference): once
-                cache[kernel.name] = kernel.prepare(pw)
-            state = cache[kernel.name]
+            key = kernel.layout or kernel.name
+            if key not in cache:  # prepare may return None (the layer then runs on the reference): once
+                cache[key] = kernel.prepare(pw)
+            state = cache[key]
     return kernel.fn(x, pw, bias, state)
