@@ -1,7 +1,7 @@
 """Kernels: the torch reference plus fast paths, chosen by `dispatch.select`."""
 
-from . import cpu_aten, cpu_native  # noqa: F401  registers the CPU kernels (the extension builds lazily)
-from . import triton_backend  # noqa: E402,F401  registers the Triton kernels (imports triton lazily)
+# registers the CPU kernels (the AVX2 extension builds lazily) and the Triton ones (triton imported lazily)
+from . import cpu_aten, cpu_native, triton_backend  # noqa: F401
 from .dispatch import KERNELS, Kernel, force_kernel, matmul, select
 from .reference import reference_matmul
 
