@@ -29,7 +29,7 @@ def test_capabilities_as_data_pick_best_and_log_why(pw, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="wq.kernels.dispatch"):
         assert select(torch.randn(2, 64), pw).name == "fake4"
     assert "never: 4-bit unsupported" in caplog.text
-    assert select(torch.randn(8, 64), pw).name == "reference"  # M=8 > max_m
+    assert select(torch.randn(8, 64), pw).name != "fake4"  # M=8 > max_m (a CPU kernel or the reference)
     cache = {}
     matmul(torch.randn(1, 64), pw, None, cache)
     matmul(torch.randn(1, 64), pw, None, cache)
