@@ -147,9 +147,12 @@ def bench_layers(args) -> list[dict]:
 
 def module_bytes(model) -> int:
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    from wq.kernels import ops
+
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            for state in mod._kernel_cache.values():
+        if isinstance(mod, QuantLinear):  # repacked kernel layouts, cached per qweight by the custom op
+            hit = ops._STATE.get(id(mod.qweight))
+            for state in (hit[2].values() if hit else ()):
                 if state is not None:
                     total += sum(v.numel() * v.element_size() for v in vars(state).values()
                                  if isinstance(v, torch.Tensor))
