@@ -233,6 +233,38 @@ def _decode_run(name: str, models: dict, ids, args) -> dict:
     return {"model": name, "tokens": args.tokens, "results": res}
 
 
+def to_markdown(result: dict) -> str:
+    """Tables of the ratios (x the faster dense, median over interleaved repetitions)."""
+    out = []
+    rows = result.get("layers") or []
+    if rows:
+        schemes = list(rows[0]["auto"])
+        out.append("| threads | layer (out x in) | M | fp32 ms | bf16 ms | " + " | ".join(
+            f"{s} (kernel)" for s in schemes) + " |")
+        out.append("|" + "---|" * (5 + len(schemes)))
+        for r in rows:
+            res = r["results"]
+            cells = [f"{res[s + '/auto']['x_dense']:.2f}x ({r['auto'][s]})" for s in schemes]
+            out.append(f"| {r['threads']} | {r['shape']} | {r['m']} | {res['fp32']['ms']:.2f} | {res['bf16']['ms']:.2f} | "
+                       + " | ".join(cells) + " |")
+        kern = sorted({k.split("/", 1)[1] for r in rows for k in r["results"] if "/" in k and not k.endswith("/auto")})
+        out.append("\nEach kernel forced, x the faster dense (`-`: cannot run or not timed at that M):\n")
+        out.append("| threads | layer | M | scheme | " + " | ".join(kern) + " |")
+        out.append("|" + "---|" * (4 + len(kern)))
+        for r in rows:
+            for s in schemes:
+                cells = [f"{r['results'][f'{s}/{k}']['x_dense']:.2f}x" if f"{s}/{k}" in r["results"] else "-"
+                         for k in kern]
+                out.append(f"| {r['threads']} | {r['shape']} | {r['m']} | {s} | " + " | ".join(cells) + " |")
+    for d in result.get("decode") or []:
+        out.append(f"\n{d['model']}, greedy decode of {d['tokens']} tokens:\n")
+        out.append("| model | tokens/s | x the faster dense | weights + kernel layouts MiB |")
+        out.append("|---|---|---|---|")
+        for k, v in d["results"].items():
+            out.append(f"| {k} | {v['tok_s']:.2f} | {v['x_dense']:.2f}x | {v['weight_mb']:.0f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["layers", "decode", "all"], default="all")
@@ -251,7 +283,12 @@ def main(argv=None) -> None:
     p.add_argument("--llama-layers", type=int, default=4)
     p.add_argument("--llama-vocab", type=int, default=32000)
     p.add_argument("--out", type=Path, default=None, help="write <out>_<part>.json")
+    p.add_argument("--summarize", type=Path, nargs="+", default=None, help="print the tables of saved JSONs")
     args = p.parse_args(argv)
+    if args.summarize:
+        for path in args.summarize:
+            print(to_markdown(json.loads(path.read_text())) + "\n")
+        return
     logging.basicConfig(level=logging.WARNING)
     force_kernel(None)
     result = {"argv": sys.argv, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -264,6 +301,7 @@ def main(argv=None) -> None:
         path = Path(f"{args.out}_{args.part}.json")
         path.write_text(json.dumps(result, indent=1))
         print("wrote", path)
+    print(to_markdown(result))
 
 
 if __name__ == "__main__":

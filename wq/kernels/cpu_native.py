@@ -127,7 +127,16 @@ def native_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Nativ
     return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
 
 
+# Where each path wins, measured (docs/cpu.md, scripts/bench_cpu.py, 1 thread, loaded 2-core AVX2 host):
+# the AVX2 kernel beats aten's int4/int8 ops up to M = 64 at 2/4/8 bits; its 3-bit unpacking costs
+# more and aten_int4 wins from M = 16 on. Beyond these M aten_int4 / aten_int8 / the reference take over.
+MAX_M = {2: 64, 4: 64, 8: 64, 3: 8}
+
 KERNELS.add("cpu_avx2", Kernel(
-    name="cpu_avx2", fn=native_matmul, prepare=prepare_native, bits=frozenset({2, 3, 4, 8}),
-    devices=frozenset({"cpu"}), max_m=16, priority=20, available=available,
+    name="cpu_avx2", fn=native_matmul, prepare=prepare_native, bits=frozenset({2, 4, 8}), devices=frozenset({"cpu"}),
+    max_m=MAX_M[4], priority=20, available=available, layout="cpu_avx2",
+))
+KERNELS.add("cpu_avx2_3bit", Kernel(
+    name="cpu_avx2_3bit", fn=native_matmul, prepare=prepare_native, bits=frozenset({3}), devices=frozenset({"cpu"}),
+    max_m=MAX_M[3], priority=20, available=available, layout="cpu_avx2",
 ))
