@@ -82,7 +82,14 @@ dequant_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
 def quant_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None) -> Tensor:
-    """The PackedWeight front door of the op (what QuantLinear.forward calls)."""
+    """The PackedWeight front door of the op (what QuantLinear.forward calls).
+
+    Eager inference (no compile, no gradient wanted) calls the dispatcher directly: the custom-op
+    machinery costs more than a small CPU decode GEMV itself (docs/cpu.md measures it).
+    """
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        return dispatch.matmul(x, pw, bias, _state_cache(pw.qweight, pw.scales, pw.zeros))
     s = pw.scheme
     return torch.ops.wq.dequant_matmul(x, pw.qweight, pw.scales, pw.zeros, pw.g_idx, bias, s.bits,
                                        s.group_size, s.sym, pw.in_features)
