@@ -125,3 +125,47 @@ def load_model(spec: str, *, device, dtype: torch.dtype, revision: str | None = 
     elif not os.path.isdir(path):
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
     return model, tok, info
+
+
+QUANT_FORWARDS = ("auto", "dequantized", "kernels")
+
+
+def resolve_quant_forward(mode: str, device) -> str:
+    """"auto": the packed kernels on GPUs (what users serve), dequantized weights on CPUs (same numbers as
+    the reference kernel, computed once per layer instead of on every forward)."""
+    if mode not in QUANT_FORWARDS:
+        raise ValueError(f"quant_forward {mode!r}: choose from {', '.join(QUANT_FORWARDS)}")
+    if mode == "auto":
+        return "kernels" if torch.device(device).type == "cuda" else "dequantized"
+    return mode
+
+
+@torch.no_grad()
+def dequantize_linears(model, dtype: torch.dtype) -> dict:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight in `dtype`: exactly the
+    reference kernel's math (`F.linear(x, dequant(W).to(x.dtype), b)`). Returns {name: QuantLinear} of
+    the replaced modules, for `restore_linears`."""
+    from torch import nn
+
+    from wq.nn import QuantLinear, set_module
+
+    replaced = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, QuantLinear):
+            continue
+        w = mod.packed.dequantize(torch.float32).to(dtype)
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device, dtype=dtype)
+        lin.weight.copy_(w)
+        if mod.bias is not None:
+            lin.bias.copy_(mod.bias.to(dtype))
+        set_module(model, name, lin)
+        replaced[name] = mod
+    return replaced
+
+
+def restore_linears(model, replaced: dict) -> None:
+    """Undo `dequantize_linears` (for a model the caller still owns, e.g. before wq.save)."""
+    from wq.nn import set_module
+
+    for name, mod in replaced.items():
+        set_module(model, name, mod)

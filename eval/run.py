@@ -49,6 +49,15 @@ def dist_state(device: str | None = None):
     return PartialState(cpu=cpu)
 
 
+def baseline_cache_dir() -> Path:
+    """$WQ_EVAL_CACHE, else <wq cache>/eval."""
+    if os.environ.get("WQ_EVAL_CACHE"):
+        return Path(os.environ["WQ_EVAL_CACHE"])
+    from wq.assets import cache_dir
+
+    return cache_dir() / "eval"
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "eval_schema": SCHEMA, "local_tasks": LOCAL_TASKS_VERSION}
     for mod in ("torch", "transformers", "accelerate", "lm_eval", "wq"):
@@ -108,6 +117,7 @@ def evaluate(
     task_batch_size: int = 8,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    quant_forward: str = "auto",
     add_bos: bool | None = None,
     num_fewshot: int | None = None,
     local_docs: int = 500,
@@ -123,7 +133,9 @@ def evaluate(
     list of them. baseline: hub id, directory or "default". ppl: dataset names (wikitext2, c4, austen, a
     book) or text files. tasks: lm-eval task names or presets (austen, paper, leaderboard). windows: use
     the first N windows only; limit: first N docs per task. dtype: one for every model (default fp32 on
-    CPU, bf16 on GPU). names: report names for the quant entries. cache: reuse a cached baseline result
+    CPU, bf16 on GPU). quant_forward: "kernels" runs the packed kernels, "dequantized" swaps in nn.Linear
+    with the dequantized weights (the reference kernel's numbers, far faster on CPU); "auto" = kernels on
+    GPU, dequantized on CPU. names: report names for the quant entries. cache: reuse a cached baseline result
     for the same (model, revision, settings). out: also write report.json/.md/.png there.
     Under several processes every rank calls this; rank 0 gets the report, the others None.
     """
@@ -132,6 +144,7 @@ def evaluate(
     state = dist_state(device)
     dev = torch.device(device) if device else state.device
     dt = M.parse_dtype(dtype, dev)
+    forward = M.resolve_quant_forward(quant_forward, dev)
     quants = list(quant) if isinstance(quant, list | tuple) else [quant]
     tasks = expand_tasks(tasks)
     base_path = M.resolve(baseline)
@@ -143,7 +156,7 @@ def evaluate(
         data[d.name] = d
     settings = {
         "dtype": str(dt).removeprefix("torch."), "device": dev.type, "world_size": state.num_processes,
-        "seqlen": seqlen, "windows": windows, "ppl_batch_size": batch_size,
+        "quant_forward": forward, "seqlen": seqlen, "windows": windows, "ppl_batch_size": batch_size,
         "ppl_protocols": {k: d.protocol for k, d in data.items()},
         "tasks": {"tasks": tasks, "limit": limit, "batch_size": task_batch_size,
                   "add_bos": resolve_add_bos(tok, add_bos), "num_fewshot": num_fewshot,
@@ -154,12 +167,11 @@ def evaluate(
 
     # ---- baseline, cached by (model, revision, settings, versions)
     key_src = {"v": CACHE_VERSION, "model": M.fingerprint(base_path, revision),
-               "settings": {k: v for k, v in settings.items() if k not in ("world_size", "ppl_batch_size")},
+               "settings": {k: v for k, v in settings.items()
+                            if k not in ("world_size", "ppl_batch_size", "quant_forward")},
                "versions": {k: v for k, v in versions().items() if k != "wq"}}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    from wq.assets import cache_dir
-
-    cache_file = cache_dir() / "eval" / f"baseline-{key}.json"
+    cache_file = baseline_cache_dir() / f"baseline-{key}.json"
     base_res = None
     if cache and state.is_main_process and cache_file.exists():
         base_res = json.loads(cache_file.read_text())
@@ -181,7 +193,7 @@ def evaluate(
     results, taken = {}, set()
     for i, q in enumerate(quants):
         if isinstance(q, torch.nn.Module):
-            model, qtok, info, spec = q, None, None, getattr(q, "name_or_path", "model")
+            model, qtok, spec = q, None, getattr(getattr(q, "config", None), "name_or_path", None) or "model"
             scheme = (getattr(q, "wq_quant", None) or {}).get("scheme")
             info = {"scheme": scheme} if scheme else None
         else:
@@ -189,15 +201,18 @@ def evaluate(
             model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
         name = names[i] if names else M.model_name(spec, info, taken)
         taken.add(name)
+        bpw = M.bits_per_weight(model)
+        replaced = M.dequantize_linears(model, dt) if forward == "dequantized" else {}
         if qtok is not None and qtok.get_vocab() != tok.get_vocab():
             log.warning("%s: its tokenizer differs from the baseline's; evaluating with the baseline's", name)
         res = _evaluate_model(model, tok, data, tasks, label=name, **kw)
         if state.is_main_process:
             results[name] = {"model": str(spec), "scheme": (info or {}).get("scheme"),
-                             "bits_per_weight": M.bits_per_weight(model), **res}
+                             "bits_per_weight": bpw, **res}
         if not isinstance(q, torch.nn.Module):
             _free(model)
         else:
+            M.restore_linears(model, replaced)
             del model
 
     if not state.is_main_process:
@@ -226,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-batch-size", type=int, default=8)
     p.add_argument("--dtype", default=None, help="float32|bfloat16|float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
+    p.add_argument("--quant-forward", choices=M.QUANT_FORWARDS, default="auto",
+                   help="kernels | dequantized (reference-kernel numbers, fast on CPU); auto: GPU kernels, CPU dequantized")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend BOS to task requests (default: as the tokenizer does)")
     p.add_argument("--local-docs", type=int, default=500, help="docs per local Austen task")
@@ -245,7 +262,8 @@ def main(argv=None) -> int:
         args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
         tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
         batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
-        device=args.device, add_bos=args.add_bos, num_fewshot=args.num_fewshot, local_docs=args.local_docs,
+        device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
+        num_fewshot=args.num_fewshot, local_docs=args.local_docs,
         revision=args.revision, cache=not args.no_cache, out=out,
     )
     if report is not None:
