@@ -13,6 +13,7 @@ with absolute `data_files` paths (relative ones would resolve against the workin
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import re
 import tempfile
 from pathlib import Path
 
-LOCAL_TASKS_VERSION = 1
+LOCAL_TASKS_VERSION = 2
 LASTWORD_BOOKS = ("persuasion", "northangerabbey")
 CONTINUATION_BOOKS = ("sensesensibility", "mansfieldpark")
 LOCAL_TASKS = ("austen_lastword", "austen_continuation")
@@ -64,7 +65,9 @@ def continuation_docs(n_docs: int = 500, seed: int = 4321, n_choices: int = 4) -
     docs = []
     for book in CONTINUATION_BOOKS:
         paras = [_sentences(p) for p in _paragraphs(book)]
-        all_sents = [(i, s) for i, ss in enumerate(paras) for s in ss if 6 <= len(s.split()) <= 40]
+        # every usable sentence, sorted by word count, to draw distractors of about the true one's length
+        pool = sorted((len(s.split()), j, s) for j, ss in enumerate(paras) for s in ss if 6 <= len(s.split()) <= 40)
+        lengths = [n for n, _, _ in pool]
         for i, ss in enumerate(paras):
             if len(ss) < 2:
                 continue
@@ -75,10 +78,17 @@ def continuation_docs(n_docs: int = 500, seed: int = 4321, n_choices: int = 4) -
             n_true = len(true.split())
             if len(context.split()) < 12 or not 6 <= n_true <= 40:
                 continue
-            near = [s for j, s in all_sents if j != i and abs(len(s.split()) - n_true) <= max(3, n_true // 4)]
-            if len(near) < n_choices - 1:
+            tol = max(3, n_true // 4)
+            lo, hi = bisect.bisect_left(lengths, n_true - tol), bisect.bisect_right(lengths, n_true + tol)
+            choices: list[str] = []
+            for _ in range(50):  # rejection sampling: another paragraph, not a duplicate
+                _, j, s = pool[rng.randrange(lo, hi)]
+                if j != i and s != true and s not in choices:
+                    choices.append(s)
+                    if len(choices) == n_choices - 1:
+                        break
+            if len(choices) < n_choices - 1:
                 continue
-            choices = rng.sample(near, n_choices - 1)
             label = rng.randrange(n_choices)
             choices.insert(label, true)
             docs.append({"context": context, "choices": choices, "label": label, "book": book})
