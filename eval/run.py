@@ -97,8 +97,8 @@ def _evaluate_model(model, tokenizer, data, tasks, *, batch_size, task_batch_siz
     return res if state.is_main_process else None
 
 
-def _free(model):
-    del model
+def _free():
+    """Release memory after the caller dropped its last reference to a model."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -180,7 +180,8 @@ def evaluate(
     if base_res is None:
         model, _, _ = M.load_model(base_path, device=dev, dtype=dt, revision=revision)
         base_res = _evaluate_model(model, tok, data, tasks, label="baseline", **kw)
-        _free(model)
+        del model
+        _free()
         if cache and state.is_main_process:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -209,11 +210,10 @@ def evaluate(
         if state.is_main_process:
             results[name] = {"model": str(spec), "scheme": (info or {}).get("scheme"),
                              "bits_per_weight": bpw, **res}
-        if not isinstance(q, torch.nn.Module):
-            _free(model)
-        else:
+        if isinstance(q, torch.nn.Module):
             M.restore_linears(model, replaced)
-            del model
+        del model, replaced
+        _free()
 
     if not state.is_main_process:
         return None

@@ -75,3 +75,11 @@ def test_real_model_ppl_sane_and_perturbed_worse(real_model, tokenizer):  # noqa
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.3)
     worse = ppl.perplexity(noisy, data, batch_size=3, progress=False)
     assert worse["ppl"] > base["ppl"] * 1.05, (base["ppl"], worse["ppl"])
+
+
+def test_c4_protocol_segments(tokenizer):  # noqa: F811
+    docs = ["short text."] * 5 + [" ".join(f"word{i}" for i in range(400))] * 3
+    a = ppl.c4_windows(tokenizer, docs, seqlen=32, n_windows=6, seed=0)
+    b = ppl.c4_windows(tokenizer, docs, seqlen=32, n_windows=6, seed=0)
+    assert a.shape == (6, 32) and torch.equal(a, b)  # seeded, only documents longer than seqlen
+    assert not torch.equal(a, ppl.c4_windows(tokenizer, docs, seqlen=32, n_windows=6, seed=1))
