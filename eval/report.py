@@ -101,6 +101,19 @@ def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
+def _fmt_ppl(x):
+    return _fmt(x, ".4g" if x is not None and x >= 1e4 else ".3f")
+
+
+def _fmt_rel(c):
+    """+53.1%, or x17264 once the change passes +1000%."""
+    if c["relative"] is None:
+        return "—"
+    if c["relative"] > 10:
+        return f"x{c['quant'] / c['baseline']:.4g}"
+    return f"{c['relative']:+.1%}"
+
+
 def to_markdown(report: dict) -> str:
     s = report["settings"]
     names = report["models"]
@@ -126,10 +139,10 @@ def to_markdown(report: dict) -> str:
         dl = report["deltas"].get(name, {})
         row = [name, _fmt(m.get("bits_per_weight"), ".2f")]
         for ds in datasets:
-            cell = _fmt(m["ppl"].get(ds, {}).get("ppl"), ".3f")
+            cell = _fmt_ppl(m["ppl"].get(ds, {}).get("ppl"))
             c = dl.get("ppl", {}).get(ds)
             if c:
-                cell += f" ({c['relative']:+.1%}{'*' if c['significant'] else ''})"
+                cell += f" ({_fmt_rel(c)}{'*' if c['significant'] else ''})"
             row.append(cell)
         for t in tasks:
             r = m.get("tasks", {}).get(t, {})
@@ -148,7 +161,8 @@ def to_markdown(report: dict) -> str:
     for t in tasks:
         extra = [k for k in report["baseline"]["tasks"][t] if k not in ("acc", "n") and not k.endswith("_stderr")]
         for metric in extra:
-            vals = ", ".join(f"{n} {_fmt(report[n]['tasks'].get(t, {}).get(metric), '.4f')}" for n in names)
+            fmt = _fmt_ppl if "perplexity" in metric else (lambda x: _fmt(x, ".4f"))
+            vals = ", ".join(f"{n} {fmt(report[n]['tasks'].get(t, {}).get(metric))}" for n in names)
             lines.append(f"- {t} {metric}: {vals}")
     return "\n".join(lines) + "\n"
 
