@@ -9,9 +9,10 @@
 __version__ = "0.1.0"
 
 from .api import QuantReport, quantize_model  # noqa: E402
+from .cast import cast_model  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .io import load, save  # noqa: E402
 from .scheme import QuantScheme, SchemeError  # noqa: E402
 
-__all__ = ["QuantConfig", "QuantReport", "QuantScheme", "SchemeError", "__version__", "load",
+__all__ = ["QuantConfig", "cast_model", "QuantReport", "QuantScheme", "SchemeError", "__version__", "load",
            "quantize_model", "save"]

@@ -74,6 +74,7 @@ def _round_limit(dtype: torch.dtype) -> float:
     return float(fi.max) + 2.0 ** math.floor(math.log2(fi.max)) * float(fi.eps) / 2
 
 
+@torch.no_grad()
 def cast_stats(w: Tensor, dtype: torch.dtype = torch.float16, *, scale: Tensor | None = None,
                group: int | None = None) -> CastStats:
     """Cast w to `dtype` (optionally divided by a per-group `scale` [out, n_groups] first, as FP8 does).
@@ -205,15 +206,28 @@ def activation_amax(model: nn.Module, batches: list[Tensor] | Tensor) -> list[Ac
         if t is not None and t.is_floating_point() and t.numel():
             amax[key] = max(amax.get(key, 0.0), float(t.detach().abs().amax()))
 
+    def hook(name: str, kind: str):
+        def fn(mod, inputs, output) -> None:  # a forward hook must return None (else it replaces the output)
+            if kind == "linear":
+                record((name + ":in", "linear.in"), inputs)
+                record((name + ":out", "linear.out"), output)
+            elif kind == "residual":
+                record((name + ":in", "residual"), inputs)
+            else:
+                record((name + ":out", "block.out"), output)
+        return fn
+
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(
-                lambda mod, i, o, n=name: (record((n + ":in", "linear.in"), i), record((n + ":out", "linear.out"), o))))
+            kind = "linear"
         elif "norm" in type(m).__name__.lower():
-            handles.append(m.register_forward_hook(lambda mod, i, o, n=name: record((n + ":in", "residual"), i)))
+            kind = "residual"
         elif name in blocks:
-            handles.append(m.register_forward_hook(lambda mod, i, o, n=name: record((n + ":out", "block.out"), o)))
+            kind = "block"
+        else:
+            continue
+        handles.append(m.register_forward_hook(hook(name, kind)))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

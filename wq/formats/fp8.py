@@ -106,7 +106,7 @@ class CompressedTensorsFp8(_Fp8Tensors):
         by_scheme: dict[str, list[str]] = {}
         for name, s in quant["layers"].items():
             by_scheme.setdefault(s, []).append(name)
-        skipped = sorted(((quant.get("report") or {}).get("skipped") or {}))
+        skipped = sorted((quant.get("report") or {}).get("skipped") or {})
         single = len(by_scheme) == 1 and quant.get("report") is not None
         groups = {}
         for i, (s, names) in enumerate(sorted(by_scheme.items())):
