@@ -76,7 +76,7 @@ def quantize_model(
     """
     scheme = QuantScheme.parse(scheme)
     if scheme.is_cast:
-        raise ValueError(f"{scheme} is a plain cast, not a quantization: use wq.cast_model(model, {str(scheme)!r})")
+        raise ValueError(f"{scheme} is a plain float cast, not a quantization: use wq.cast_model(model, {str(scheme)!r})")
     algorithm = ALGORITHMS.get(algo)(**algo_args)
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:
