@@ -142,3 +142,23 @@ def test_cast_rejects_quant_schemes():
         wq.cast_model(planted_model(), "W4G128")
     with pytest.raises(ValueError, match="cast_model"):
         wq.quantize_model(planted_model(), "FP16")
+
+
+def test_cli_refuses_without_force_and_writes_with_it(tmp_path, real_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from wq.quantize import main
+
+    src = tmp_path / "planted"
+    planted_model(vocab=49152).save_pretrained(src)
+    AutoTokenizer.from_pretrained(real_model_dir).save_pretrained(src)
+    args = [str(src), "--scheme", "FP16", "--nsamples", "2", "--seqlen", "32", "-o", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lm_head.weight" in err and f"{BIG_DOWN}:out" in err and "--force" in err
+    assert not (tmp_path / "out").exists()
+    assert main(args + ["--force"]) == 0
+    out = capsys.readouterr().out
+    assert "NO (inf)" in out and "FP16 NOT OK" in out
+    audit = json.loads((tmp_path / "out" / "fp16_audit.json").read_text())
+    assert not audit["ok"] and audit["calib"]["shape"] == [2, 32]
