@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..fp8 import FP8_DTYPES, Fp8Weight
-from ..kernels import dispatch
+from ..fp8 import FP8_DTYPES, Fp8Weight, fp8_reference_matmul
+from ..kernels import ops
 from ..packing import PackedWeight, packed_size
 from ..scheme import QuantScheme
 
@@ -27,7 +27,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{scheme} is a plain cast, not a QuantLinear: use wq.cast_model")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         n_groups = scheme.n_groups(in_features)
-        self._kernel_cache: dict = {}
         if scheme.is_fp8:
             self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPES[scheme.fmt]))
             self.register_buffer("weight_scale", torch.zeros(out_features, n_groups, dtype=torch.float32))
@@ -63,10 +62,11 @@ class QuantLinear(nn.Module):
                             in_features=self.in_features, out_features=self.out_features, g_idx=self.g_idx)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dispatch.matmul(x, self.packed, self.bias, self._kernel_cache)
+        if self.scheme.is_fp8:  # FP8: the reference kernel (dequantize, F.linear) on any device
+            return fp8_reference_matmul(x, self.packed, self.bias)
+        return ops.quant_matmul(x, self.packed, self.bias)  # torch.ops.wq.dequant_matmul -> dispatch
 
     def _apply(self, fn, recurse=True):
-        self._kernel_cache = {}  # repacked weights belong to the old device/dtype
         if not self.scheme.is_fp8:
             return super()._apply(fn, recurse)
         # float8 counts as floating point, so model.to(bfloat16) would cast the FP8 weight and its fp32
