@@ -327,7 +327,8 @@ class Fp16Audit:
                     f"{s.rel_err_max:.3g} | {s.rel_err_mean:.3g} |")
 
         flagged = [n for n, s in self.weights.items() if s.overflow or s.flushed or s.subnormal]
-        worst = sorted(self.weights, key=lambda n: -self.weights[n].rel_err_mean)[:3]
+        worst = [n for n in sorted(self.weights, key=lambda n: -self.weights[n].rel_err_mean)[:3]
+                 if self.weights[n].rel_err_mean > 0]
         for n in list(dict.fromkeys(flagged[:top] + worst)):
             lines.append(row(n, self.weights[n]))
         if len(flagged) > top:
