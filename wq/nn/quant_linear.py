@@ -67,11 +67,11 @@ class QuantLinear(nn.Module):
         return ops.quant_matmul(x, self.packed, self.bias)  # torch.ops.wq.dequant_matmul -> dispatch
 
     def _apply(self, fn, recurse=True):
-        if not self.scheme.is_fp8:
-            return super()._apply(fn, recurse)
-        # float8 counts as floating point, so model.to(bfloat16) would cast the FP8 weight and its fp32
-        # scale; they only follow the device
-        keep = {k: self._buffers.pop(k) for k in ("weight", "weight_scale")}
+        # model.to(bfloat16) must not recast the stored format: fp16 scales (int schemes; a bf16 copy
+        # would lose 3 mantissa bits and break reload equality), float8 weights and fp32 scales (FP8).
+        # They only follow the device; the bias follows dtype and device as usual.
+        names = ("weight", "weight_scale") if self.scheme.is_fp8 else ("scales",)
+        keep = {k: self._buffers.pop(k) for k in names if self._buffers.get(k) is not None}
         try:
             super()._apply(fn, recurse)
         finally:
