@@ -75,7 +75,7 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def real_model():
+def real_model_fp32():
     return _real_model()
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_helpers import real_model, tiny_llama, tokenizer  # noqa: F401  (fixtures)
+from eval_helpers import real_model_fp32, tiny_llama, tokenizer  # noqa: F401  (fixtures)
 
 from eval import ppl
 
@@ -63,11 +63,11 @@ def test_batch_size_does_not_change_the_result(tokenizer):  # noqa: F811
         assert r["nll_sum"] == results[0]["nll_sum"] and r["ppl"] == results[0]["ppl"]
 
 
-def test_real_model_ppl_sane_and_perturbed_worse(real_model, tokenizer):  # noqa: F811
+def test_real_model_ppl_sane_and_perturbed_worse(real_model_fp32, tokenizer):  # noqa: F811
     data = ppl.load_ppl_data("austen", tokenizer, 256, 3)
-    base = ppl.perplexity(real_model, data, batch_size=3, progress=False)
+    base = ppl.perplexity(real_model_fp32, data, batch_size=3, progress=False)
     assert 10 < base["ppl"] < 45, base["ppl"]  # ~22 for these windows; ~28 at 512 x 40
-    noisy = copy.deepcopy(real_model)
+    noisy = copy.deepcopy(real_model_fp32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in noisy.named_parameters():

@@ -1,6 +1,6 @@
 import json
 
-from eval_helpers import real_model, tiny_llama, tokenizer  # noqa: F401  (fixtures)
+from eval_helpers import real_model_fp32, tiny_llama, tokenizer  # noqa: F401  (fixtures)
 
 from eval import local_tasks, tasks
 
@@ -59,8 +59,8 @@ def test_local_tasks_run_on_a_tiny_model(tokenizer):  # noqa: F811
     assert r["settings"]["add_bos"] is False and r["settings"]["limit"] == 6
 
 
-def test_real_model_beats_chance_on_local_tasks(real_model, tokenizer):  # noqa: F811
-    r = tasks.run_tasks(real_model, tokenizer, ["austen"], limit=12, n_local_docs=20, batch_size=12)
+def test_real_model_beats_chance_on_local_tasks(real_model_fp32, tokenizer):  # noqa: F811
+    r = tasks.run_tasks(real_model_fp32, tokenizer, ["austen"], limit=12, n_local_docs=20, batch_size=12)
     lw, cont = r["tasks"]["austen_lastword"], r["tasks"]["austen_continuation"]
     assert 0 <= cont["acc"] <= 1 and 0 <= cont["acc_norm"] <= 1 and cont["n"] == 12
     assert lw["acc"] > 0  # a real model gets some last words exactly right
