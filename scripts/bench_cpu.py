@@ -45,7 +45,7 @@ SHAPES = {  # (out, in)
     "llama1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],
 }
 SCHEMES = ["W4G128", "W3G128", "W2G128", "W8", "W4G-1"]
-CPU_KERNELS = ["cpu_avx2", "aten_int4", "aten_int8"]
+CPU_KERNELS = ["cpu_avx2", "cpu_avx2_3bit", "aten_int4", "aten_int8"]
 
 
 def random_packed(out_f: int, in_f: int, scheme: str, seed: int = 0) -> PackedWeight:
@@ -130,7 +130,7 @@ def bench_layers(args) -> list[dict]:
                         cands[f"{s}/auto"] = partial(layers[s], x32)
                         auto[s] = select(x32, packed[s]).name
                         for (s2, kn), (kern, st) in states.items():
-                            if s2 == s and not (kn == "cpu_avx2" and m > args.native_max_m):
+                            if s2 == s and not (kn.startswith("cpu_avx2") and m > args.native_max_m):
                                 cands[f"{s}/{kn}"] = partial(kern.fn, x32, packed[s], None, st)
                         if peers.get(s) is not None and m <= args.peer_max_m:
                             cands[f"{s}/autoround_torch"] = partial(peers[s], x32)
