@@ -10,6 +10,8 @@ from wq.kernels.reference import reference_matmul
 from wq.packing import PackedWeight
 from wq.scheme import QuantScheme
 
+pytestmark = pytest.mark.kernels  # dispatch picks fast kernels here (see conftest)
+
 SHAPES = [(40, 576), (33, 100), (16, 64)]  # (out, in): partial last group, odd both ways, tiny
 SCHEMES_LOW = ["W4G128", "W4G-1", "W4G32-asym", "W3G128", "W3G64-sym", "W2G128", "W2G-1"]
 SCHEMES_8 = ["W8", "W8-asym"]

@@ -7,6 +7,7 @@ from wq.algorithms.rtn import rtn_quantize
 from wq.kernels import KERNELS, Kernel, force_kernel, matmul, reference_matmul, select
 from wq.scheme import QuantScheme
 
+pytestmark = pytest.mark.kernels  # dispatch picks fast kernels here (see conftest)
 
 @pytest.fixture
 def pw():

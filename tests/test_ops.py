@@ -13,6 +13,7 @@ from wq.packing import PackedWeight
 from wq.primitives import minmax_qparams, quantize
 from wq.scheme import QuantScheme
 
+pytestmark = pytest.mark.kernels  # dispatch picks fast kernels here (see conftest)
 
 def make_packed(scheme: str, n: int, k: int, seed: int = 0) -> PackedWeight:
     s = QuantScheme.parse(scheme)

@@ -27,6 +27,8 @@ from wq.packing import PackedWeight  # noqa: E402
 from wq.primitives import minmax_qparams, quantize  # noqa: E402
 from wq.scheme import QuantScheme  # noqa: E402
 
+pytestmark = pytest.mark.kernels  # dispatch picks fast kernels here (see conftest)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BITS = (2, 3, 4, 8)
 GROUPS = (-1, 32, 64, 128, 256)
