@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (transformers -> torch._dynamo does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
