@@ -178,6 +178,9 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
                    overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
                                                    "size_bytes": {"before": before, "after": after}})
+    from .calib import clear_checkpoint
+
+    clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output directory", file=sys.stderr)
+        print("interrupted: nothing was written to the output directory (a calibrated run continues from its "
+              "last finished block with the same flags plus --resume)", file=sys.stderr)
         return 130
     print(result["summary"])
     return 0

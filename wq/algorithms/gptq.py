@@ -49,7 +49,7 @@ def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
                 if d != damp:
                     log.warning("gptq: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
                 return U, d
-        d *= 10
+        d = max(d * 10, 1e-4)
     raise RuntimeError(f"gptq: Hessian is not positive definite even with damp={d / 10:g}; the calibration "
                        f"inputs may contain inf/nan (try more --nsamples or a larger --damp)")
 
