@@ -198,3 +198,42 @@ def test_errors_name_the_fix(tmp_path):
 def test_default_is_emma():
     docs = calibration_texts(None)
     assert len(docs) == 1 and "Emma Woodhouse" in docs[0][:2000]
+
+
+def test_cli_resume_after_ctrl_c(tmp_path, monkeypatch):
+    """python -m wq.quantize DIR --algo gptq -o OUT: Ctrl-C mid-run, then --resume finishes the same model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from wq.assets import resolve_model
+    from wq.quantize import main
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
+    src = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(resolve_model(None)).save_pretrained(src)
+    flags = [str(src), "--algo", "gptq", "--scheme", "W4G32", "--nsamples", "4", "--seqlen", "64",
+             "--no-progress", "--format", "wq"]
+    assert main(flags + ["-o", str(tmp_path / "ref")]) == 0
+
+    original = GPTQ.quantize_weight
+    calls = {"n": 0}
+
+    def ctrl_c(self, w, scheme, **kw):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in block 1
+            raise KeyboardInterrupt
+        return original(self, w, scheme, **kw)
+
+    monkeypatch.setattr(GPTQ, "quantize_weight", ctrl_c)
+    out = tmp_path / "out"
+    assert main(flags + ["-o", str(out)]) == 130
+    assert (tmp_path / "out.partial" / "state.json").exists() and not out.exists()
+    assert main(flags + ["-o", str(out), "--resume"]) == 0
+    assert calls["n"] == 9 + 7 and not (tmp_path / "out.partial").exists()
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
