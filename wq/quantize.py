@@ -88,7 +88,10 @@ def validate(cfg: QuantConfig) -> None:
         reason = FORMATS.get(f)().why_not(scheme)
         if reason:
             raise UserError(f"--format {f} cannot store {scheme}: {reason}")
-    parse_overrides(cfg.override)
+    try:
+        parse_overrides(cfg.override)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
     if Path(cfg.output).exists() and not cfg.overwrite:
