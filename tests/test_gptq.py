@@ -21,20 +21,25 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 
 
 @pytest.fixture(scope="module")
-def real_layer():
+def real_layer(real_model_dir):
     """q_proj (in 576: 4.5 groups of 128) of block 3, first 192 rows (speed), Hessian from 512 tokens of Emma."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wq.assets import load_book, resolve_model
+    from wq.assets import load_book
 
-    path = resolve_model(None)
+    path = real_model_dir
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(tok(load_book("emma")[20000:40000])["input_ids"][:512]).unsqueeze(0)  # [1, 512]
     lin = model.model.layers[3].self_attn.q_proj
     seen = []
-    h = lin.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
+
+    def grab(module, args, out):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise StopIteration  # the rest of the model is not needed
+
+    h = lin.register_forward_hook(grab)
+    with torch.no_grad(), pytest.raises(StopIteration):
         model(ids, use_cache=False)
     h.remove()
     x = seen[0].float()  # [512, 576]

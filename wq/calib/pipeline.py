@@ -379,12 +379,21 @@ def _plain(stats: dict) -> dict:
 def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm, hidden: list[Tensor],
                      kwargs: list[dict], dev: torch.device):
     """Layer granularity: accumulate each Linear's Hessian over the calibration batches, then quantize."""
-    H: dict[str, Tensor] = {}
+    H: dict[str, Tensor] = {}  # one accumulator per distinct input: q/k/v (and gate/up) share theirs
     count: dict[str, int] = {}
+    alias: dict[str, str] = {}  # Linear -> the Linear whose accumulator holds its input
+    last: dict[tuple, tuple] = {}  # input identity in the current batch -> (first Linear that saw it, input)
 
     def make_hook(rel):
         def hook(module, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+            inp = args[0]
+            key = (inp.data_ptr(), tuple(inp.shape), inp._version)
+            owner = last.setdefault(key, (rel, inp))[0]  # holding inp: its address cannot be reused meanwhile
+            if alias.setdefault(rel, owner) != owner:
+                raise RuntimeError(f"{rel}: its input is shared differently across calibration batches")
+            if owner != rel:
+                return
+            x = inp.detach().reshape(-1, inp.shape[-1]).float()  # [tokens, in]
             if rel not in H:
                 H[rel] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 count[rel] = 0
@@ -395,16 +404,19 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
     handles = [block.get_submodule(rel).register_forward_hook(make_hook(rel)) for rel in names]
     try:
         for h, kw in zip(hidden, kwargs):
+            last.clear()
             block(h.to(dev), **kw)
     finally:
         for hd in handles:
             hd.remove()
+    for rel in list(H):
+        H[rel].mul_(2.0 / count[rel])  # [in, in]
     results, seconds = {}, {}
     for rel, scheme in names.items():
-        if rel not in H:
+        if rel not in alias:
             raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
         t = time.perf_counter()
-        hess = H.pop(rel).mul_(2.0 / count[rel])  # [in, in]
+        hess = H[alias[rel]]  # [in, in]; algorithms must not modify it in place (it may be shared)
         w = block.get_submodule(rel).weight.detach().float()  # [out, in]
         results[rel] = algorithm.quantize_weight(w, scheme, H=hess)
         seconds[rel] = time.perf_counter() - t
