@@ -43,7 +43,8 @@ def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)  # BLAS trsm: far faster than potri here
+            Hinv = Linv.t() @ Linv  # (L L^T)^-1
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 if d != damp:
@@ -102,34 +103,39 @@ def gptq_quantize(
     # group of the k-th processed column: its own (static / natural order) or its act-order position
     col_group = perm // G if (static or not act_order) else torch.arange(in_f, device=W.device) // G
     col_group = col_group.tolist()
-    Q = torch.zeros(out_f, in_f, dtype=torch.int32, device=W.device)  # codes, processing order
+    # the column loop works on transposed copies: column k of W is the contiguous row k of Wt
+    Wt = W.t().contiguous()  # [in, out]
+    del W
+    Qt = torch.zeros(in_f, out_f, device=Wt.device)  # codes, processing order, as float
     maxq = scheme.maxq
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1 = W[:, i1:i2].clone()  # [out, b]
-        E1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # [b, out] view: updated in place
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             k = i1 + i
             g = col_group[k]
             if not static and k % G == 0:  # dynamic group: params from the current (updated) weights
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
-                scale[:, g], zero[:, g] = _qparams(upcoming, scheme, mse)
+                scale[:, g], zero[:, g] = _qparams(Wt[k:k + G].t(), scheme, mse)
             s, z = scale[:, g], zero[:, g]
-            col = W1[:, i]
+            col = W1[i]  # [out]
             q = torch.clamp(torch.round(col / s) + z, 0, maxq)
-            Q[:, k] = q.to(torch.int32)
-            err = (col - (q - z) * s) / U1[i, i]  # [out]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of everything after the block
-
+            Qt[k] = q
+            err = E1[i]
+            torch.sub(col, (q - z) * s, out=err)
+            err.div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # spread the error over the block's later columns
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)  # lazy update of everything after the block
+    Q = Qt.t().to(torch.int32)  # [out, in]
     g_idx = None
     if act_order:
         inv = torch.argsort(perm)
         Q = Q[:, inv]  # back to the original column order
         if not static:
-            g_idx = torch.tensor(col_group, device=W.device, dtype=torch.int32)[inv]
+            g_idx = torch.tensor(col_group, device=Q.device, dtype=torch.int32)[inv]
     packed = PackedWeight.from_codes(Q, scale, zero, scheme, g_idx=g_idx)
     w_hat = packed.dequantize(torch.float32)  # [out, in]
     E = w.float() - w_hat
