@@ -31,7 +31,8 @@ Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
       quantize_weight(w: Tensor [out, in] fp32, scheme: QuantScheme, *, H: Tensor [in, in] fp32)
           -> QuantResult
   H = 2/n * sum_x x^T x over the n token rows x [in] that reached this Linear in the unquantized
-  block (forward hooks, all of the block's Linears observed in one pass). The pipeline shows
+  block (forward hooks, all of the block's Linears observed in one pass; Linears fed the same tensor,
+  q/k/v and gate/up, share one H object: never modify H in place). The pipeline shows
   `result.stats["loss"]` (else `result.error`) per Linear.
 
 - granularity = "block" (autoround):
