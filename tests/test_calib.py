@@ -237,3 +237,23 @@ def test_cli_resume_after_ctrl_c(tmp_path, monkeypatch):
     a = load_file(str(tmp_path / "ref" / "model.safetensors"))
     b = load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_name_goes_through_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "missing/set":
+            raise ConnectionError("offline")
+        return datasets.Dataset.from_dict({"text": [f"document {i} " * 20 for i in range(10)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    docs = calibration_texts("NeelNanda/pile-10k", seed=1)
+    assert len(docs) == 10 and calls[-1] == ("NeelNanda/pile-10k", None, "train")
+    calibration_texts("allenai/c4:en:validation")
+    assert calls[-1] == ("allenai/c4", "en", "validation")
+    with pytest.raises(ValueError, match="local .txt/.jsonl"):
+        calibration_texts("missing/set")
