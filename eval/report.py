@@ -1,0 +1,214 @@
+"""The comparison report: report.json (schema below), report.md (tables), report.png (plot).
+
+report.json:
+    {"schema": "wq.eval/1", "settings": {...}, "versions": {...}, "models": ["baseline", name, ...],
+     "baseline": {"model", "bits_per_weight", "ppl": {dataset: {"ppl", "nll_sum", "tokens", "seqlen", ...}},
+                  "tasks": {task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}},
+     <name>: {same as baseline},
+     "deltas": {<name>: {"ppl": {dataset: CMP}, "tasks": {task: {metric: CMP}}, "avg_acc": CMP}}}
+    CMP = {"baseline", "quant", "delta" (quant - baseline), "relative" (delta / baseline),
+           "recovery" (quant/baseline when higher is better, baseline/quant when lower; 1.0 = nothing lost),
+           "z", "significant" (|z| > 1.96)}
+Perplexity significance is a paired test over the windows (same text for both models: the z of the mean
+per-token NLL difference per window); task metrics use lm-eval's stderr of each side, taken as independent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+SCHEMA = "wq.eval/1"
+Z_95 = 1.96
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "ppl")
+
+
+def _compare(b: float, q: float, *, lower_is_better: bool, z: float | None) -> dict:
+    delta = q - b
+    rel = delta / b if b else None
+    if lower_is_better:
+        recovery = b / q if q else None
+    else:
+        recovery = q / b if b else None
+    return {"baseline": b, "quant": q, "delta": delta, "relative": rel, "recovery": recovery,
+            "z": z, "significant": None if z is None else bool(abs(z) > Z_95)}
+
+
+def compare_ppl(base: dict, quant: dict) -> dict:
+    """Baseline vs quant perplexity of one dataset, with a paired per-window z."""
+    z = None
+    wb, wq = base.get("window_nll"), quant.get("window_nll")
+    if wb and wq and len(wb) == len(wq) >= 2 and base["seqlen"] == quant["seqlen"]:
+        per_tok = base["seqlen"] - 1
+        diffs = [(q - b) / per_tok for b, q in zip(wb, wq)]
+        sd = statistics.stdev(diffs)
+        mean = statistics.fmean(diffs)
+        z = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    return _compare(base["ppl"], quant["ppl"], lower_is_better=True, z=z)
+
+
+def compare_task(base: dict, quant: dict) -> dict:
+    out = {}
+    for metric, b in base.items():
+        if metric.endswith("_stderr") or metric == "n" or b is None or quant.get(metric) is None:
+            continue
+        q = quant[metric]
+        sb, sq = base.get(f"{metric}_stderr"), quant.get(f"{metric}_stderr")
+        z = None
+        if sb is not None and sq is not None:
+            se = math.sqrt(sb**2 + sq**2)
+            z = (q - b) / se if se > 0 else None
+        out[metric] = _compare(b, q, lower_is_better=metric in LOWER_IS_BETTER, z=z)
+    return out
+
+
+def avg_acc(tasks: dict) -> float | None:
+    """Mean "acc" over the tasks that report one (the leaderboard convention)."""
+    accs = [t["acc"] for t in tasks.values() if t.get("acc") is not None]
+    return statistics.fmean(accs) if accs else None
+
+
+def build_report(baseline: dict, quants: dict[str, dict], settings: dict, versions: dict) -> dict:
+    """baseline/quants: {"model", "bits_per_weight", "ppl": {...}, "tasks": {...}} per model."""
+    report = {"schema": SCHEMA, "settings": settings, "versions": versions,
+              "models": ["baseline", *quants], "baseline": baseline}
+    deltas = {}
+    for name, q in quants.items():
+        if name in ("schema", "settings", "versions", "models", "baseline", "deltas"):
+            raise ValueError(f"a quantized model cannot be named {name!r}; rename its directory")
+        report[name] = q
+        d = {"ppl": {}, "tasks": {}}
+        for ds, b in baseline.get("ppl", {}).items():
+            if ds in q.get("ppl", {}):
+                d["ppl"][ds] = compare_ppl(b, q["ppl"][ds])
+        for task, b in baseline.get("tasks", {}).items():
+            if task in q.get("tasks", {}):
+                d["tasks"][task] = compare_task(b, q["tasks"][task])
+        ab, aq = avg_acc(baseline.get("tasks", {})), avg_acc(q.get("tasks", {}))
+        if ab is not None and aq is not None:
+            d["avg_acc"] = _compare(ab, aq, lower_is_better=False, z=None)
+        deltas[name] = d
+    report["deltas"] = deltas
+    return report
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def _fmt_ppl(x):
+    return _fmt(x, ".4g" if x is not None and x >= 1e4 else ".3f")
+
+
+def _fmt_rel(c):
+    """+53.1%, or x17264 once the change passes +1000%."""
+    if c["relative"] is None:
+        return "—"
+    if c["relative"] > 10:
+        return f"x{c['quant'] / c['baseline']:.4g}"
+    return f"{c['relative']:+.1%}"
+
+
+def to_markdown(report: dict) -> str:
+    s = report["settings"]
+    names = report["models"]
+    datasets = list(report["baseline"].get("ppl", {}))
+    tasks = list(report["baseline"].get("tasks", {}))
+    lines = ["# Evaluation vs the baseline", ""]
+    lines.append(f"- baseline: `{report['baseline'].get('model')}`")
+    lines.append(f"- dtype {s.get('dtype')}, device {s.get('device')}, processes {s.get('world_size')}, "
+                 f"seqlen {s.get('seqlen')}, windows {s.get('windows') or 'all'}")
+    for ds, proto in s.get("ppl_protocols", {}).items():
+        lines.append(f"- ppl `{ds}`: {proto}")
+    ts = s.get("tasks") or {}
+    if tasks:
+        lines.append(f"- tasks: limit {ts.get('limit')}, batch {ts.get('batch_size')}, BOS {ts.get('add_bos')}, "
+                     f"fewshot {ts.get('num_fewshot') or 0}")
+    lines.append("")
+    head = ["model", "bits/weight"] + [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]
+    if tasks:
+        head.append("avg acc")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        m = report[name]
+        dl = report["deltas"].get(name, {})
+        row = [name, _fmt(m.get("bits_per_weight"), ".2f")]
+        for ds in datasets:
+            cell = _fmt_ppl(m["ppl"].get(ds, {}).get("ppl"))
+            c = dl.get("ppl", {}).get(ds)
+            if c:
+                cell += f" ({_fmt_rel(c)}{'*' if c['significant'] else ''})"
+            row.append(cell)
+        for t in tasks:
+            r = m.get("tasks", {}).get(t, {})
+            cell = _fmt(r.get("acc"), ".4f")
+            if r.get("acc_stderr") is not None:
+                cell += f" ± {r['acc_stderr']:.4f}"
+            c = dl.get("tasks", {}).get(t, {}).get("acc")
+            if c and c["significant"]:
+                cell += "*"
+            row.append(cell)
+        if tasks:
+            row.append(_fmt(avg_acc(m.get("tasks", {})), ".4f"))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Relative change vs the baseline in brackets; `*` = significant at 95% "
+              "(perplexity: paired over windows; accuracy: both stderrs)."]
+    for t in tasks:
+        extra = [k for k in report["baseline"]["tasks"][t] if k not in ("acc", "n") and not k.endswith("_stderr")]
+        for metric in extra:
+            fmt = _fmt_ppl if "perplexity" in metric else (lambda x: _fmt(x, ".4f"))
+            vals = ", ".join(f"{n} {fmt(report[n]['tasks'].get(t, {}).get(metric))}" for n in names)
+            lines.append(f"- {t} {metric}: {vals}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Perplexity (first dataset) and average accuracy against bits per weight; BF16 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in report["models"] if n != "baseline"]
+    base = report["baseline"]
+    datasets = list(base.get("ppl", {}))
+    has_acc = avg_acc(base.get("tasks", {})) is not None
+    panels = (["ppl"] if datasets else []) + (["acc"] if has_acc else [])
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        pts = []
+        for n in names:
+            m = report[n]
+            y = m["ppl"].get(datasets[0], {}).get("ppl") if panel == "ppl" else avg_acc(m.get("tasks", {}))
+            if y is not None and m.get("bits_per_weight") is not None:
+                pts.append((m["bits_per_weight"], y, n))
+        pts.sort()
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ref = base["ppl"][datasets[0]]["ppl"] if panel == "ppl" else avg_acc(base["tasks"])
+        ax.axhline(ref, ls="--", color="gray", label="baseline (BF16)")
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel(f"perplexity ({datasets[0]})" if panel == "ppl" else "average accuracy")
+        if panel == "ppl":
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(to_markdown(report), encoding="utf-8")
+    plot(report, out / "report.png")
+    return out

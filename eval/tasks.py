@@ -1,0 +1,148 @@
+"""Task accuracy through lm-evaluation-harness, around a model that is already loaded.
+
+`HFLM(pretrained=<model object>)` assumes one process; `_ShardedHFLM` tells lm-eval its rank and world
+size so it shards the requests itself and gathers the per-sample metrics on rank 0 through
+torch.distributed (gloo on CPU under torchrun, NCCL under `accelerate launch`).
+
+BOS handling is explicit: `add_bos` None means "what the tokenizer does by default", resolved here to a
+bool, passed to HFLM and recorded in the report.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .local_tasks import LOCAL_TASKS, build_local_tasks
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    # offline, built from the shipped corpus (see local_tasks.py)
+    "austen": LOCAL_TASKS,
+    # the short zero-shot set of the GPTQ/AWQ/AutoRound papers
+    "paper": ("arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "piqa", "winogrande"),
+    # Intel's low-bit open LLM leaderboard, zero-shot
+    "leaderboard": (
+        "arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai",
+        "mmlu", "openbookqa", "piqa", "truthfulqa_mc1", "winogrande",
+    ),
+}
+METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity")
+
+
+def expand_tasks(names) -> list[str]:
+    """Preset names and comma-separated lists to a flat, de-duplicated task list."""
+    out: list[str] = []
+    for item in names or ():
+        for name in str(item).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            for t in PRESETS.get(name, (name,)):
+                if t not in out:
+                    out.append(t)
+    return out
+
+
+def resolve_add_bos(tokenizer, add_bos: bool | None) -> bool:
+    if add_bos is not None:
+        return bool(add_bos)
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def _make_lm(model, tokenizer, *, batch_size: int, add_bos: bool, max_length: int | None,
+             rank: int, world_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    class _ShardedHFLM(HFLM):
+        """HFLM over a loaded model that knows its place among `world_size` processes."""
+
+        def __init__(self):
+            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                             add_bos_token=add_bos, max_length=max_length)
+            self._rank, self._world_size = rank, world_size
+
+        def all_gather(self, tensor):
+            if self.world_size <= 1:
+                return tensor
+            t = tensor.reshape(-1) if tensor.dim() else tensor.reshape(1)
+            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, t.contiguous())
+            return torch.cat(parts)
+
+        def barrier(self):
+            if self.world_size > 1:
+                torch.distributed.barrier()
+
+    return _ShardedHFLM()
+
+
+def _summarize(results: dict, tasks: list[str]) -> dict:
+    """lm-eval's "acc,none" style keys to {task: {"acc", "acc_stderr", ..., "n"}}."""
+    out = {}
+    for task in tasks:
+        res = results["results"].get(task)
+        if res is None:
+            log.warning("lm-eval returned no result for %s", task)
+            continue
+        row = {}
+        for key, value in res.items():
+            metric, _, filt = key.partition(",")
+            base = metric.removesuffix("_stderr")
+            if base in METRICS and filt in ("none", ""):
+                row[metric] = None if value in ("N/A", None) else float(value)
+        n = results.get("n-samples", {}).get(task, {})
+        if n:
+            row["n"] = int(n.get("effective", n.get("original", 0)))
+        out[task] = row
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str | None, include_defaults: bool):
+    """Indexing lm-eval's own ~14k task YAMLs takes about a minute on a small CPU: skip it when only the
+    local tasks are asked for, and index once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=include_defaults)
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    add_bos: bool | None = None,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    n_local_docs: int = 500,
+    bootstrap_iters: int = 1000,
+) -> dict | None:
+    """Evaluate `tasks` (names or presets) on a loaded model. Returns, on rank 0,
+    {"tasks": {task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}, "settings": {...}}; None elsewhere."""
+    from lm_eval import simple_evaluate
+    names = expand_tasks(tasks)
+    if not names:
+        return {"tasks": {}, "settings": {}}
+    include = str(build_local_tasks(n_docs=n_local_docs)) if any(t in LOCAL_TASKS for t in names) else None
+    tm = _task_manager(include, include_defaults=any(t not in LOCAL_TASKS for t in names))
+    bos = resolve_add_bos(tokenizer, add_bos)
+    lm = _make_lm(model, tokenizer, batch_size=batch_size, add_bos=bos, max_length=max_length,
+                  rank=rank, world_size=world_size)
+    results = simple_evaluate(
+        model=lm, tasks=names, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
+        task_manager=tm, log_samples=False, bootstrap_iters=bootstrap_iters, verbosity="WARNING",
+    )
+    if rank != 0:
+        return None
+    settings = {"tasks": names, "batch_size": batch_size, "limit": limit, "add_bos": bos,
+                "num_fewshot": num_fewshot, "local_docs": n_local_docs if include else None}
+    return {"tasks": _summarize(results, names), "settings": settings}
