@@ -27,6 +27,7 @@ class Algorithm:
 
     name: str = ""
     needs_calibration: bool = False
+    granularity: str = "layer"  # "layer": quantize_weight per Linear; "block": quantize_block per decoder block
 
     def __init__(self, **settings):
         self.settings = settings
