@@ -225,3 +225,15 @@ def load_book(book: str) -> str:
     if cur:
         paragraphs.append(" ".join(cur))
     return "\n\n".join(re.sub(r"\s+", " ", p) for p in paragraphs)
+
+
+def main() -> None:
+    """`python -m wq.assets`: fetch and cache the bundled model and text once (used by setup and CI)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print("model:", default_model_dir())
+    for book in BOOKS:
+        print(f"text: {book}: {len(load_book(book)):,} characters")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,9 +31,15 @@ def pack(q: Tensor, bits: int, dim: int = 0) -> Tensor:
     pad = -n % 32
     if pad:
         q = torch.cat([q, q.new_zeros((pad,) + tuple(q.shape[1:]))], 0)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # 2/4/8 bits: each value inside one word; shift and sum the 32/b values per word
+        per = 32 // bits
+        shifts = (torch.arange(per, device=q.device) * bits).view(1, per, *([1] * (q.dim() - 1)))
+        words = ((q.reshape(-1, per, *q.shape[1:]) & mask) << shifts).sum(1)  # [n_words, ...]
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return words.movedim(0, dim).contiguous()
     runs = q.reshape(-1, 32, *q.shape[1:])  # [n_runs, 32, ...]
     words = torch.zeros((runs.shape[0], bits) + tuple(q.shape[1:]), dtype=torch.int64, device=q.device)
-    mask = (1 << bits) - 1
     for j in range(32):
         v = runs[:, j] & mask
         word, shift = divmod(j * bits, 32)
@@ -47,9 +53,15 @@ def pack(q: Tensor, bits: int, dim: int = 0) -> Tensor:
 
 def unpack(packed: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:
     """int32 packed along `dim` -> int32 codes, `n` of them along `dim`."""
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # 2/4/8 bits: arithmetic shifts are fine, the mask keeps the low bits only
+        p = packed.movedim(dim, 0)
+        per = 32 // bits
+        shifts = (torch.arange(per, device=p.device, dtype=torch.int32) * bits).view(1, per, *([1] * (p.dim() - 1)))
+        q = ((p.unsqueeze(1) >> shifts) & mask).reshape(-1, *p.shape[1:])[:n]
+        return q.to(torch.int32).movedim(0, dim).contiguous()
     p = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     runs = p.reshape(-1, bits, *p.shape[1:])  # [n_runs, bits, ...]
-    mask = (1 << bits) - 1
     out = []
     for j in range(32):
         word, shift = divmod(j * bits, 32)

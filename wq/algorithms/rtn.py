@@ -12,7 +12,7 @@ from .base import ALGORITHMS, Algorithm, QuantResult
 
 def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False) -> QuantResult:
     """w: [out, in] -> codes rounded to nearest under min-max (or MSE-searched) group ranges."""
-    w = w.float()
+    w = w.detach().float()
     scale, zero = P.search_clip(w, scheme) if mse else P.minmax_qparams(w, scheme)  # [out, n_groups]
     q = P.quantize(w, scale, zero, scheme)  # [out, in] int32
     w_hat = P.dequantize(q, scale, zero, scheme.group_for(w.shape[1]))

@@ -1,0 +1,217 @@
+"""The CLI: python -m wq.quantize [MODEL] --scheme W4G128 [--algo rtn] -o OUT
+
+Thin: flags -> QuantConfig -> load model -> wq.quantize_model -> wq.save -> summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import QuantConfig
+
+log = logging.getLogger("wq")
+
+EPILOG = """\
+examples:
+  python -m wq.quantize --scheme W4G128 -o out/smollm2-w4g128            # bundled model, RTN
+  python -m wq.quantize meta-llama/Llama-3.1-8B --scheme W3G128 --algo gptq -o out/l3-w3
+  python -m wq.quantize ./my-model --scheme W2G128 --algo autoround --calib corpus.txt -o out/w2
+  python -m wq.quantize --recipe configs/w4g128-gptq.yaml -o out/x --override 'down_proj=W8G128'
+
+Settings come from the dataclass defaults, then --recipe, then flags. The output directory is
+written atomically (temp dir, then rename): an interrupted run never leaves a complete-looking one.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m wq.quantize",
+        description="Quantize a Hugging Face causal LM's Linear weights (weight-only) and save a checkpoint "
+        "that transformers, vLLM and wq load.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face hub id or local directory; omit or 'default' for the bundled "
+                   "SmolLM2-135M-Instruct (offline)")
+    p.add_argument("--recipe", metavar="YAML", help="a YAML recipe of these settings (see configs/); flags "
+                   "given on the command line override it")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    QuantConfig.add_arguments(p)
+    return p
+
+
+def config_from_argv(argv: list[str] | None) -> tuple[QuantConfig, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = None
+    if args.recipe:
+        if not Path(args.recipe).exists():
+            raise UserError(f"recipe {args.recipe} not found")
+        base = QuantConfig.from_yaml(args.recipe)
+    cfg = QuantConfig.from_args(args, base)
+    if args.model is not None:
+        cfg.model = args.model
+    return cfg, args
+
+
+def validate(cfg: QuantConfig) -> None:
+    """Check everything that needs no model, before the (slow) model load."""
+    from .algorithms import ALGORITHMS
+    from .formats import FORMATS
+    from .nn import parse_overrides
+    from .scheme import QuantScheme
+
+    scheme = QuantScheme.parse(cfg.scheme)  # SchemeError shows the grammar
+    try:
+        ALGORITHMS.get(cfg.algo)
+    except KeyError as e:
+        raise UserError(f"--algo: {e.args[0]}") from None
+    for f in cfg.format:
+        if f not in FORMATS:
+            try:
+                FORMATS.get(f)
+            except KeyError as e:
+                raise UserError(f"--format: {e.args[0]}") from None
+        reason = FORMATS.get(f)().why_not(scheme)
+        if reason:
+            raise UserError(f"--format {f} cannot store {scheme}: {reason}")
+    try:
+        parse_overrides(cfg.override)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not cfg.output:
+        raise UserError("no output directory: pass -o OUT")
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise UserError(f"output {cfg.output} exists; pass --overwrite to replace it, or choose another -o")
+    if cfg.resume and not cfg.output:
+        raise UserError("--resume needs the -o of the interrupted run")
+
+
+def load_model(name: str | None, device: str | None):
+    """Load a causal LM and its tokenizer from a hub id, a local dir, or the bundled default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+
+    path = resolve_model(name)
+    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and os.path.exists(os.path.dirname(path))
+    if looks_local and not Path(path).expanduser().exists():
+        raise UserError(f"model {path} not found: give an existing directory or a Hugging Face hub id")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    except OSError as e:
+        raise UserError(f"cannot load model {path!r}: {e}. For a hub id you need network access (or a "
+                        f"local copy); for a directory it must hold config.json and weights.") from None
+    model.eval()
+    if device:
+        model.to(device)
+    return model, tok, path
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen or t.device.type == "meta":
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def summary_table(report, before: int, after: int, total_seconds: float, out_dirs) -> str:
+    rows = [
+        ("scheme / algorithm", f"{report.scheme} / {report.algo}"),
+        ("layers quantized", str(len(report.layers))),
+        ("layers skipped", f"{len(report.skipped)}" + (f" ({', '.join(list(report.skipped)[:3])}"
+                                                       f"{', ...' if len(report.skipped) > 3 else ''})"
+                                                       if report.skipped else "")),
+        ("model size before", human_bytes(before)),
+        ("model size after", f"{human_bytes(after)} ({before / max(after, 1):.2f}x smaller)"),
+        ("mean relative weight error", f"{report.mean_error:.4f}"),
+        ("worst layer", max(((n, r.error) for n, r in report.layers.items()), key=lambda x: x[1],
+                            default=("-", 0.0))[0]),
+        ("quantization time", f"{report.seconds:.1f} s"),
+        ("total time", f"{total_seconds:.1f} s"),
+        ("written", ", ".join(str(d) for d in out_dirs)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+
+
+def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
+    """Quantize and save per `cfg`. Returns {"report", "dirs", "summary"}."""
+    import wq
+
+    t0 = time.perf_counter()
+    validate(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, path = load_model(cfg.model, None)
+    log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
+    before = model_bytes(model)
+    calib = cfg.calib
+    report = wq.quantize_model(
+        model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
+        device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
+    )
+    after = model_bytes(model)
+    dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
+                   overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
+                                                   "size_bytes": {"before": before, "after": after}})
+    summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
+    return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def _calib_args(cfg: QuantConfig) -> dict:
+    """Calibration settings, passed only to calibrated algorithms."""
+    from .algorithms import ALGORITHMS
+
+    if not ALGORITHMS.get(cfg.algo).needs_calibration:
+        return {}
+    return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "batch_size": cfg.batch_size,
+            "low_mem": cfg.low_mem, "resume": cfg.resume, "output": cfg.output}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .scheme import SchemeError
+
+    try:
+        cfg, args = config_from_argv(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        result = run(cfg, progress=args.progress)
+    except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output directory", file=sys.stderr)
+        return 130
+    print(result["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
