@@ -10,7 +10,9 @@ so that the fake-quantized weights
 make the block's output match the unquantized block's output (`targets`) in mean squared error.
 round() passes gradients straight through; the update is signed gradient descent,
 p -= lr_t * sign(dL/dp) with lr_t decaying linearly from `lr` (default 1/iters) to 0, on random
-minibatches of the calibration samples. The iterate with the lowest minibatch loss is kept.
+minibatches of the calibration samples. The iterate with the lowest minibatch loss relative to
+round-to-nearest's loss on the same minibatch is kept (raw losses of different samples are not
+comparable), so the result is never worse than RTN on the samples it was scored on.
 Scales are rounded to fp16 inside the loop (straight-through) so the learned codes are exactly those
 wq.primitives produces for the stored scales.
 """
@@ -190,6 +192,16 @@ def _collate(items: list):
     return first
 
 
+def _to_device(obj, dev: torch.device):
+    if isinstance(obj, Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, dev) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, dev) for v in obj)
+    return obj
+
+
 def _block_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -212,7 +224,8 @@ def autoround_block(
 
     inputs/targets: per calibration batch, [b, T, H] hidden states into / out of the unquantized
     block; kwargs: the other arguments of each call (rotary tables, masks). The block's own weights
-    are left untouched; returns {name: QuantResult} with stats best_loss, rtn_loss, best_iter.
+    are left untouched; returns {name: QuantResult} with stats loss (= best_loss, the best iterate's
+    relative minibatch loss times rtn_loss), rtn_loss (RTN's MSE over all samples), best_iter.
     """
     if iters < 0:
         raise ValueError(f"autoround: iters={iters} must be >= 0")
@@ -229,32 +242,45 @@ def autoround_block(
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
 
+    dev = next(block.parameters()).device  # inputs may live on CPU (low-memory pipelines)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:  # no gradients for the block's own weights: only d/dw_hat is needed
         p.requires_grad_(False)
     was_training = block.training
     block.eval()
     t0 = time.perf_counter()
-    best_loss, rtn_loss, best_iter = float("inf"), float("nan"), -1
-    best = [t.snapshot() for t in states]
     try:
+        # Minibatch losses of different samples are not comparable (some text is harder): score each
+        # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
+        with torch.no_grad():
+            weights = {f"{t.name}.weight": t.fake_quant() for t in states}  # V = 0, full range: RTN
+            rtn_per_sample: list[float] = []
+            for j in range(0, len(samples), bs):
+                chunk = samples[j : j + bs]
+                x = torch.cat([c[0] for c in chunk], 0).to(dev, torch.float32)
+                y = torch.cat([c[2] for c in chunk], 0).to(dev, torch.float32)
+                kw = _to_device(_collate([c[1] for c in chunk]), dev)
+                out = _block_out(functional_call(block, weights, (x,), kw))
+                rtn_per_sample += (out - y).pow(2).flatten(1).mean(1).tolist()  # [chunk]
+            del weights, out
+        rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
+        best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
+        best = [t.snapshot() for t in states]
         for it in range(iters + 1):  # iteration `iters` only evaluates the last update
             if len(order) < bs:
                 order += torch.randperm(len(samples), generator=gen).tolist()
             idx, order = order[:bs], order[bs:]
-            x = torch.cat([samples[i][0] for i in idx], 0)
-            y = torch.cat([samples[i][2] for i in idx], 0)
-            kw = _collate([samples[i][1] for i in idx])
+            x = torch.cat([samples[i][0] for i in idx], 0).to(dev, torch.float32)
+            y = torch.cat([samples[i][2] for i in idx], 0).to(dev, torch.float32)
+            kw = _to_device(_collate([samples[i][1] for i in idx]), dev)
             need_grad = it < iters
             with torch.set_grad_enabled(need_grad):
                 weights = {f"{t.name}.weight": t.fake_quant() for t in states}
                 out = _block_out(functional_call(block, weights, (x,), kw))
                 loss = torch.nn.functional.mse_loss(out, y)
-            lv = float(loss.detach())
-            if it == 0:
-                rtn_loss = lv
-            if lv < best_loss:
-                best_loss, best_iter = lv, it
+            score = float(loss.detach()) / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
+            if score < best_score:
+                best_score, best_iter = score, it
                 best = [t.snapshot() for t in states]
             if not need_grad:
                 break
@@ -271,6 +297,7 @@ def autoround_block(
     for t, b in zip(states, best):
         t.restore(b)
     seconds = time.perf_counter() - t0
+    best_loss = best_score * rtn_loss  # estimated loss over all samples
     log.info("autoround block: loss %.3g -> %.3g (best at iter %d of %d) in %.1fs",
              rtn_loss, best_loss, best_iter, iters, seconds)
 
@@ -278,7 +305,7 @@ def autoround_block(
     for t in states:
         q, scale, zero = t.finalize()
         w_hat = P.dequantize(q, scale, zero, t.scheme.group_for(t.w.shape[1]))
-        stats = {"best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
+        stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
                  "seconds": seconds}
         results[t.name] = QuantResult(PackedWeight.from_codes(q, scale, zero, t.scheme),
                                       P.relative_error(t.w, w_hat), stats)
