@@ -44,6 +44,8 @@ def run_wq(model, scheme: QuantScheme, algo: str, samples: torch.Tensor, tok, a)
     args = {"nsamples": samples.shape[0], "seqlen": samples.shape[1], "batch_size": a.batch_size, "seed": a.seed}
     if algo == "autoround":
         args["iters"] = a.iters
+        if a.lr is not None:
+            args["lr"] = a.lr
     quantize_model(model, scheme, algo=algo, calib=samples, tokenizer=tok, progress=False, **args)
 
 
@@ -70,7 +72,7 @@ def run_auto_round(model, scheme: QuantScheme, samples: torch.Tensor, tok, a) ->
         model, tok, scheme=f"W{scheme.bits}A16", group_size=scheme.group_size, sym=scheme.sym,
         dataset=[samples[i : i + 1] for i in range(samples.shape[0])], iters=a.iters, seqlen=samples.shape[1],
         nsamples=samples.shape[0], batch_size=a.batch_size, seed=a.seed, device_map="cpu",
-        enable_torch_compile=False,
+        enable_torch_compile=False, **({} if a.lr is None else {"lr": a.lr, "minmax_lr": a.lr}),
     )
     ar.quantize()  # on CPU the model's Linear weights are replaced by their fake-quantized values in place
     if ar.model is not model:
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None, help="signed-gradient step for both tools (default 1/iters)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--eval-seqlen", type=int, default=512)
@@ -103,7 +106,7 @@ def main() -> None:
     samples = calibration_samples("emma", tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed)  # [n, L]
     windows = windows_for(tok, "prideprejudice", a.eval_seqlen, a.windows)
     rows = []
-    meta = {"iters": a.iters, "nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": a.batch_size,
+    meta = {"iters": a.iters, "lr": a.lr or f"1/{a.iters}", "nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": a.batch_size,
             "seed": a.seed, "eval": f"prideprejudice seqlen {a.eval_seqlen} x {windows.shape[0]} windows fp32",
             "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv),
             "load_average_at_start": os.getloadavg()}

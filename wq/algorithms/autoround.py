@@ -12,7 +12,7 @@ round() passes gradients straight through; the update is signed gradient descent
 p -= lr_t * sign(dL/dp) with lr_t decaying linearly from `lr` (default 1/iters) to 0, on random
 minibatches of the calibration samples. The iterate with the lowest minibatch loss relative to
 round-to-nearest's loss on the same minibatch is kept (raw losses of different samples are not
-comparable), so the result is never worse than RTN on the samples it was scored on.
+comparable); it is then checked on all samples and RTN is kept if it is not better there.
 Scales are rounded to fp16 inside the loop (straight-through) so the learned codes are exactly those
 wq.primitives produces for the stored scales.
 """
@@ -192,6 +192,21 @@ def _collate(items: list):
     return first
 
 
+@torch.no_grad()
+def _per_sample_loss(block: nn.Module, states: list[_Target], samples: list, bs: int, dev) -> list[float]:
+    """MSE of every calibration sample with the current fake-quantized weights."""
+    weights = {f"{t.name}.weight": t.fake_quant() for t in states}
+    losses: list[float] = []
+    for j in range(0, len(samples), bs):
+        chunk = samples[j : j + bs]
+        x = torch.cat([c[0] for c in chunk], 0).to(dev, torch.float32)
+        y = torch.cat([c[2] for c in chunk], 0).to(dev, torch.float32)
+        kw = _to_device(_collate([c[1] for c in chunk]), dev)
+        out = _block_out(functional_call(block, weights, (x,), kw))
+        losses += (out - y).pow(2).flatten(1).mean(1).tolist()  # [chunk]
+    return losses
+
+
 def _to_device(obj, dev: torch.device):
     if isinstance(obj, Tensor):
         return obj.to(dev)
@@ -224,8 +239,8 @@ def autoround_block(
 
     inputs/targets: per calibration batch, [b, T, H] hidden states into / out of the unquantized
     block; kwargs: the other arguments of each call (rotary tables, masks). The block's own weights
-    are left untouched; returns {name: QuantResult} with stats loss (= best_loss, the best iterate's
-    relative minibatch loss times rtn_loss), rtn_loss (RTN's MSE over all samples), best_iter.
+    are left untouched; returns {name: QuantResult} with stats loss (= best_loss, the kept iterate's
+    MSE over all samples), rtn_loss (RTN's), best_iter (0: RTN kept).
     """
     if iters < 0:
         raise ValueError(f"autoround: iters={iters} must be >= 0")
@@ -252,18 +267,9 @@ def autoround_block(
     try:
         # Minibatch losses of different samples are not comparable (some text is harder): score each
         # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
-        with torch.no_grad():
-            weights = {f"{t.name}.weight": t.fake_quant() for t in states}  # V = 0, full range: RTN
-            rtn_per_sample: list[float] = []
-            for j in range(0, len(samples), bs):
-                chunk = samples[j : j + bs]
-                x = torch.cat([c[0] for c in chunk], 0).to(dev, torch.float32)
-                y = torch.cat([c[2] for c in chunk], 0).to(dev, torch.float32)
-                kw = _to_device(_collate([c[1] for c in chunk]), dev)
-                out = _block_out(functional_call(block, weights, (x,), kw))
-                rtn_per_sample += (out - y).pow(2).flatten(1).mean(1).tolist()  # [chunk]
-            del weights, out
+        rtn_per_sample = _per_sample_loss(block, states, samples, bs, dev)  # V = 0, full range: RTN
         rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
+        rtn_state = [t.snapshot() for t in states]
         best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
         best = [t.snapshot() for t in states]
         for it in range(iters + 1):  # iteration `iters` only evaluates the last update
@@ -290,14 +296,22 @@ def autoround_block(
                 torch._foreach_add_(params, torch._foreach_sign(grads), alpha=-step)
             for t in states:
                 t.clamp_(min_range)
+        for t, b in zip(states, best):
+            t.restore(b)
+        best_loss = rtn_loss
+        if best_iter > 0:  # confirm on every sample; few or large steps can win one minibatch only
+            best_loss = sum(_per_sample_loss(block, states, samples, bs, dev)) / len(samples)
+            if best_loss >= rtn_loss:
+                log.info("autoround: iterate %d (loss %.4g) is not better than RTN (%.4g) on all samples; "
+                         "keeping RTN", best_iter, best_loss, rtn_loss)
+                best_iter, best_loss = 0, rtn_loss
+                for t, b in zip(states, rtn_state):
+                    t.restore(b)
     finally:
         for p in frozen:
             p.requires_grad_(True)
         block.train(was_training)
-    for t, b in zip(states, best):
-        t.restore(b)
     seconds = time.perf_counter() - t0
-    best_loss = best_score * rtn_loss  # estimated loss over all samples
     log.info("autoround block: loss %.3g -> %.3g (best at iter %d of %d) in %.1fs",
              rtn_loss, best_loss, best_iter, iters, seconds)
 
