@@ -109,6 +109,7 @@ def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> Non
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {n: m.packed for n, m in qmods.items()}
     options = fmt.prepare(packed)
+    quant = {**quant, "unquantized": [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".")[0]
@@ -140,6 +141,7 @@ def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> Non
         "recipe": config.to_dict() if hasattr(config, "to_dict") else config,
         "versions": versions(),
         "report": quant.get("report"),
+        "consumers": options.get("consumers"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }

@@ -210,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written to the output directory", file=sys.stderr)
         return 130
     print(result["summary"])
+    if cfg.push_to_hub:  # last, so the card sees everything the run wrote (eval included)
+        from .hub import HubPushError, push_to_hub
+
+        try:
+            print(push_to_hub(cfg.output, cfg.push_to_hub, private=cfg.private, revision=cfg.revision))
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

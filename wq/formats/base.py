@@ -46,3 +46,16 @@ class Format:
 
 
 FORMATS: Registry[type[Format]] = Registry("format")
+
+
+def partial_group_reason(layers: dict[str, PackedWeight]) -> str | None:
+    """Why readers that need in_features % group_size == 0 (vLLM, compressed-tensors, auto-round) cannot
+    load these layers, or None."""
+    partial = [(n, pw) for n, pw in layers.items()
+               if pw.scheme.group_size != -1 and pw.in_features % pw.scheme.group_size]
+    if not partial:
+        return None
+    n, pw = partial[0]
+    return (f"{len(partial)} layer(s) have in_features not a multiple of the group size (e.g. {n}: "
+            f"in={pw.in_features}, G={pw.scheme.group_size}); use a group that divides them (G32/G64 for 576) "
+            "or G-1")

@@ -41,6 +41,7 @@ class Kernel:
     available: Callable[[], bool] = field(default=lambda: True)
     # repack once per layer (at load time or first call) into the kernel's own layout; cached
     prepare: Callable[[PackedWeight], Any] | None = None
+    layout: str | None = None  # kernels naming the same layout share one prepared copy (default: own name)
     needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
 
     def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int) -> str | None:
@@ -122,7 +123,8 @@ def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict 
         if cache is None:
             state = kernel.prepare(pw)
         else:
-            state = cache.get(kernel.name)
+            key = kernel.layout or kernel.name
+            state = cache.get(key)
             if state is None:
-                state = cache[kernel.name] = kernel.prepare(pw)
+                state = cache[key] = kernel.prepare(pw)
     return kernel.fn(x, pw, bias, state)

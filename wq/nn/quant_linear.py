@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels import dispatch
+from ..kernels import ops
 from ..packing import PackedWeight, packed_size
 from ..scheme import QuantScheme
 
@@ -27,7 +27,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.uint8))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
-        self._kernel_cache: dict = {}
 
     @classmethod
     def from_packed(cls, pw: PackedWeight, bias: Tensor | None = None) -> QuantLinear:
@@ -46,11 +45,7 @@ class QuantLinear(nn.Module):
                             in_features=self.in_features, out_features=self.out_features, g_idx=self.g_idx)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dispatch.matmul(x, self.packed, self.bias, self._kernel_cache)
-
-    def _apply(self, fn, recurse=True):
-        self._kernel_cache = {}  # repacked weights belong to the old device/dtype
-        return super()._apply(fn, recurse)
+        return ops.quant_matmul(x, self.packed, self.bias)  # torch.ops.wq.dequant_matmul -> dispatch
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
