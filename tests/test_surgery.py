@@ -46,3 +46,13 @@ def test_quantize_model_refuses_float_and_empty_plans(tiny_model):
         wq.quantize_model(tiny_model, "FP16")
     with pytest.raises(ValueError, match="no Linear"):
         wq.quantize_model(tiny_model, "W4G128", skip=[".*"])
+
+
+def test_dtype_moves_keep_the_stored_fp16_scales(tiny_model):
+    wq.quantize_model(tiny_model, "W4G32", progress=False)
+    ql = tiny_model.model.layers[0].mlp.up_proj
+    before = ql.scales.clone()
+    tiny_model.to(torch.bfloat16)
+    assert ql.scales.dtype == torch.float16 and torch.equal(ql.scales, before)
+    tiny_model.float()
+    assert ql.scales.dtype == torch.float16

@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .api import QuantReport, quantize_model  # noqa: E402
+from .cast import cast_model  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .hf_hook import install as _install_hf_quantizer  # noqa: E402
 from .io import load, save  # noqa: E402
@@ -16,5 +17,5 @@ from .scheme import QuantScheme, SchemeError  # noqa: E402
 
 _install_hf_quantizer()  # quant_method "wq" in transformers' from_pretrained
 
-__all__ = ["QuantConfig", "QuantReport", "QuantScheme", "SchemeError", "__version__", "load",
+__all__ = ["QuantConfig", "cast_model", "QuantReport", "QuantScheme", "SchemeError", "__version__", "load",
            "quantize_model", "save"]

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
+from .fp8 import fp8_result
 from .nn import DEFAULT_SKIP, QuantLinear, plan_layers, set_module
 from .scheme import QuantScheme
 
@@ -74,12 +75,14 @@ def quantize_model(
     and records the plan on `model.wq_quant` for wq.save.
     """
     scheme = QuantScheme.parse(scheme)
-    if not scheme.is_int:
-        raise ValueError(f"quantize_model takes integer schemes; for {scheme} use the float conversion path")
+    if scheme.is_cast:
+        raise ValueError(f"{scheme} is a plain float cast, not a quantization: use wq.cast_model(model, {str(scheme)!r})")
     algorithm = ALGORITHMS.get(algo)(**algo_args)
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:
         raise ValueError("no Linear layer left to quantize: check --skip / --override patterns")
+    if algorithm.needs_calibration and any(s.is_fp8 for s in plan.values()):
+        raise ValueError(f"FP8 layers are scaled casts and take no calibration; use --algo rtn with {scheme}")
     for name, reason in skipped.items():
         log.info("skipping %s: %s", name, reason)
     report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
@@ -105,7 +108,10 @@ def _quantize_data_free(model, plan, algorithm, report: QuantReport, *, device, 
         t = time.perf_counter()
         w = linear.weight.detach()
         home = w.device
-        result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
+        if scheme.is_fp8:
+            result = fp8_result(w.to(dev) if dev else w, scheme, name=name)
+        else:
+            result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
         qlinear = QuantLinear.from_packed(result.packed.to(home), linear.bias)
         set_module(model, name, qlinear)
         report.layers[name] = LayerReport(

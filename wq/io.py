@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .formats import FORMATS
+from .formats.fp8 import default_fp8_format, float_format_name
+from .fp8 import FP8_DTYPES
 from .nn import QuantLinear, set_module
 from .packing import PackedWeight
 from .scheme import QuantScheme
@@ -43,6 +45,8 @@ def default_format(scheme: QuantScheme | str) -> str:
     available (vLLM's route for 2/3-bit and asymmetric weights), else wq's native format.
     """
     s = QuantScheme.parse(scheme)
+    if s.is_fp8:
+        return default_fp8_format(s)
     if s.is_int and s.sym and s.bits in (4, 8):
         return "gptq"
     return "compressed-tensors" if "compressed-tensors" in FORMATS else "wq"
@@ -70,7 +74,12 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
     quant = getattr(model, "wq_quant", None)
     if quant is None:
         raise ValueError("model has no wq quantization: run wq.quantize_model(model, scheme) first")
+    if QuantScheme.parse(quant["scheme"]).is_cast:
+        from .cast import save_cast
+
+        return save_cast(model, out, tokenizer=tokenizer, config=config, overwrite=overwrite, extra=extra)
     formats = [format] if isinstance(format, str) else list(format or [default_format(quant["scheme"])])
+    formats = [float_format_name(f, quant["scheme"]) for f in formats]
     formats = list(dict.fromkeys(formats))
     for name in formats:
         fmt = FORMATS.get(name)()
@@ -229,7 +238,15 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     raw = json.loads((path / "config.json").read_text())
     qconfig = raw.get("quantization_config") or {}
     method = qconfig.get("quant_method")
-    fmt = next((FORMATS.get(n)() for n in FORMATS if FORMATS.get(n).quant_method == method), None)
+    if method is None:  # a plain checkpoint (wq's BF16/FP16 casts write these)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        meta = json.loads((path / WQ_JSON).read_text()) if (path / WQ_JSON).exists() else {}
+        model.wq_quant = {"scheme": meta.get("scheme", "BF16"), "algo": "cast", "algo_args": {}, "layers": {},
+                          "report": meta.get("report")}
+        return model.eval().to(device or "cpu")
+    fmt = next((FORMATS.get(n)() for n in FORMATS if FORMATS.get(n)().reads(qconfig)), None)
     if fmt is None:
         raise ValueError(f"{path}: quant_method {method!r} is not one wq reads ({', '.join(FORMATS.names())})")
     meta = json.loads((path / WQ_JSON).read_text()) if (path / WQ_JSON).exists() else {}
@@ -241,7 +258,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = _empty_model(config, dtype)
     state = read_state(path)
-    qnames = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".weight_packed"))})
+    qnames = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".weight_packed"))
+                     or (k.endswith(".weight") and state[k].dtype in FP8_DTYPES.values())})
     schemes = ({n: QuantScheme.parse(meta["layers"][n]) for n in qnames} if meta.get("layers")
                else fmt.layer_schemes(qconfig, qnames))
     for name in qnames:

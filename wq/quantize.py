@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import QuantConfig
+from .scheme import QuantScheme
 
 log = logging.getLogger("wq")
 
@@ -71,6 +72,7 @@ def validate(cfg: QuantConfig) -> None:
     """Check everything that needs no model, before the (slow) model load."""
     from .algorithms import ALGORITHMS
     from .formats import FORMATS
+    from .formats.fp8 import float_format_name
     from .nn import parse_overrides
     from .scheme import QuantScheme
 
@@ -79,7 +81,10 @@ def validate(cfg: QuantConfig) -> None:
         ALGORITHMS.get(cfg.algo)
     except KeyError as e:
         raise UserError(f"--algo: {e.args[0]}") from None
+    if scheme.is_cast and cfg.format:
+        raise UserError(f"{scheme} writes a plain checkpoint; drop --format")
     for f in cfg.format:
+        f = float_format_name(f, scheme)  # FP8: compressed-tensors -> its float-quantized flavour
         if f not in FORMATS:
             try:
                 FORMATS.get(f)
@@ -172,6 +177,8 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     model, tok, path = load_model(cfg.model, None)
     log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     before = model_bytes(model)
+    if QuantScheme.parse(cfg.scheme).is_cast:
+        return run_cast(cfg, model, tok, before, t0)
     calib = cfg.calib
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
@@ -183,6 +190,34 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
                                                    "size_bytes": {"before": before, "after": after}})
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def run_cast(cfg: QuantConfig, model, tok, before: int, t0: float) -> dict:
+    """BF16/FP16: audit (FP16), convert, save a plain checkpoint. The audit is printed and saved."""
+    import wq
+
+    from .assets import load_book
+    from .cast import calib_ids
+
+    calib = None
+    if QuantScheme.parse(cfg.scheme).fmt == "fp16":
+        # a short pass is enough to find overflowing activations: at most 32 windows of at most 512 tokens
+        text = load_book("emma") if cfg.calib is None else Path(cfg.calib).read_text()
+        calib = calib_ids(tok, text, min(cfg.nsamples, 32), min(cfg.seqlen, 512))
+    try:
+        audit = wq.cast_model(model, cfg.scheme, calib=calib, force=cfg.force)
+    except ValueError as e:  # Fp16OverflowError: the message names the layers and the fix
+        raise UserError(str(e)) from None
+    if audit is not None:
+        print(audit.table())
+    dirs = wq.save(model, cfg.output, tokenizer=tok, config=cfg, overwrite=cfg.overwrite,
+                   extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
+                          "size_bytes": {"before": before, "after": model_bytes(model)}})
+    after = model_bytes(model)
+    summary = (f"{cfg.scheme}: plain checkpoint {dirs[0]} ({human_bytes(after)}, was {human_bytes(before)}); "
+               f"conversion {model.wq_quant['report']['convert_seconds']:.3f} s; total "
+               f"{time.perf_counter() - t0:.1f} s" + (f"; audit in {dirs[0]}/fp16_audit.json" if audit else ""))
+    return {"report": audit, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
 
 def _calib_args(cfg: QuantConfig) -> dict:

@@ -20,6 +20,10 @@ class Format:
     name: str = ""
     quant_method: str = ""
 
+    def reads(self, qconfig: dict[str, Any]) -> bool:
+        """Whether this format reads a checkpoint with this quantization_config."""
+        return qconfig.get("quant_method") == self.quant_method
+
     def why_not(self, scheme: QuantScheme) -> str | None:
         """None if this format can store `scheme`, else why not (and what to use instead)."""
         return None

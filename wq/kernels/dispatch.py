@@ -43,10 +43,13 @@ class Kernel:
     prepare: Callable[[PackedWeight], Any] | None = None
     layout: str | None = None  # kernels naming the same layout share one prepared copy (default: own name)
     needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
+    fmts: frozenset[str] | None = frozenset({"int"})  # weight formats (QuantScheme.fmt); FP8 is "e4m3"/"e5m2"
 
     def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int) -> str | None:
         """None if this kernel can run the call, else the reason it cannot."""
         s = pw.scheme
+        if self.fmts is not None and s.fmt not in self.fmts:
+            return f"{s.fmt} weights unsupported"
         if self.devices is not None and device not in self.devices:
             return f"device {device} not in {sorted(self.devices)}"
         if self.dtypes is not None and dtype not in self.dtypes:
@@ -69,7 +72,8 @@ class Kernel:
 KERNELS: Registry[Kernel] = Registry("kernel")
 KERNELS.add(
     "reference",
-    Kernel(name="reference", fn=lambda x, pw, bias, state: reference_matmul(x, pw, bias), priority=-100),
+    Kernel(name="reference", fn=lambda x, pw, bias, state: reference_matmul(x, pw, bias), priority=-100,
+           fmts=None),
 )
 
 _forced: str | None = None
