@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter without a GPU. The flag is read when a kernel module is
+    # first imported, by whichever test gets there first, so set it once for the whole session.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

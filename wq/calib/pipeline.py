@@ -44,7 +44,9 @@ Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
   input for calibration batch j, fp32 [b, L, hidden] (produced by the already-quantized previous
   blocks); kwargs[j]: the other keyword arguments the block is called with for that batch (floating
   tensors fp32, on the compute device), so `block(inputs[j], **kwargs[j])` reproduces the model's call;
-  targets[j]: the unquantized block's output for inputs[j]. inputs/targets are on the compute device,
+  targets[j]: what the unquantized model computes at this block's output for batch j: the unquantized
+  block applied to the full-precision stream (inputs of the unquantized model), not to inputs[j], so
+  the block also learns to undo earlier blocks' error. inputs/targets are on the compute device,
   or on CPU when `low_mem` is set: always `.to(device)` each batch before use. Return one QuantResult
   per plan entry; the pipeline swaps QuantLinear in, recomputes outputs and moves on.
   A block's output may be a tensor or a tuple (hidden states first): use `block_output(block(...))`.
@@ -211,12 +213,15 @@ class Checkpoint:
         write(tmp)
         os.replace(tmp, path)
 
-    def save(self, index: int, block: nn.Module, hidden: list[Tensor], layers: dict, done: bool) -> None:
-        """Block `index` is finished: its state dict, the inputs of block index+1, then state.json."""
+    def save(self, index: int, block: nn.Module, hidden: list[Tensor], layers: dict, done: bool,
+             fp_hidden: list[Tensor] | None = None) -> None:
+        """Block `index` is finished: its state dict, the inputs of block index+1 (quantized stream, and
+        the full-precision stream for block algorithms), then state.json."""
         sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         self._atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(sd, str(p)))
         if not done:
             acts = {f"h{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}
+            acts.update({f"f{j}": h.detach().cpu().contiguous() for j, h in enumerate(fp_hidden or [])})
             self._atomic(self.dir / f"acts_{index + 1:04d}.safetensors", lambda p: save_file(acts, str(p)))
         state = {"version": 1, "fingerprint": self.fingerprint, "next_block": index + 1, "done": done,
                  "layers": layers}
@@ -228,9 +233,12 @@ class Checkpoint:
     def load_block(self, index: int) -> dict[str, Tensor]:
         return load_file(str(self.dir / f"block_{index:04d}.safetensors"))
 
-    def load_acts(self, index: int) -> list[Tensor]:
+    def load_acts(self, index: int) -> tuple[list[Tensor], list[Tensor] | None]:
+        """(quantized-stream inputs, full-precision-stream inputs or None) of block `index`."""
         d = load_file(str(self.dir / f"acts_{index:04d}.safetensors"))
-        return [d[f"h{j}"] for j in range(len(d))]
+        n = sum(k.startswith("h") for k in d)
+        fp = [d[f"f{j}"] for j in range(n)] if "f0" in d else None
+        return [d[f"h{j}"] for j in range(n)], fp
 
 
 def clear_checkpoint(output: str | os.PathLike | None) -> None:
@@ -302,8 +310,16 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
             ckpt.reset()
 
     hidden, kwargs = capture_block_inputs(model, blocks, prefix, batches, dev, store)
+    # Block algorithms learn to reproduce the *unquantized model's* hidden states: their targets come
+    # from a full-precision stream carried beside the quantized one, so each block can also correct
+    # the error earlier quantized blocks left in its inputs (as AutoRound does). Costs one more set of
+    # activations, no extra forward: the fp block's outputs are both the targets and the next fp inputs.
+    fp_hidden = list(hidden) if granularity == "block" else None
     if 0 < start < len(blocks):
-        hidden = [h.to(store) for h in ckpt.load_acts(start)]
+        acts, fp_acts = ckpt.load_acts(start)
+        hidden = [h.to(store) for h in acts]
+        if fp_hidden is not None:
+            fp_hidden = [h.to(store) for h in (fp_acts or acts)]
 
     bar = tqdm(range(start, len(blocks)), desc=f"{algorithm.name} {report.scheme}", unit="block",
                disable=not progress, initial=start, total=len(blocks))
@@ -320,11 +336,11 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         if granularity == "layer":
             results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev)
         else:
-            with torch.no_grad():
-                targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(hidden, kwargs)]
+            with torch.no_grad():  # the unquantized block on the full-precision stream
+                targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
             t = time.perf_counter()
             results = algorithm.quantize_block(block, names, hidden, kwargs, targets)
-            del targets
+            fp_hidden = targets  # inputs of the next unquantized block
             seconds = {rel: (time.perf_counter() - t) / max(len(names), 1) for rel in names}
         missing = set(names) - set(results)
         if missing:
@@ -348,7 +364,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if ckpt is not None:
-            ckpt.save(i, block, hidden, {n: vars(r) for n, r in report.layers.items()}, done=i == len(blocks) - 1)
+            ckpt.save(i, block, hidden, {n: vars(r) for n, r in report.layers.items()}, done=i == len(blocks) - 1,
+                      fp_hidden=fp_hidden)
         dt = time.perf_counter() - t0
         log.info("block %d/%d %.1fs  %s", i + 1, len(blocks), dt,
                  "  ".join(f"{rel.split('.')[-1]} {v:.3g}" for rel, v in losses.items()))
