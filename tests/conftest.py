@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before anything imports triton (transformers -> torch._dynamo does)
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter without a GPU. The flag is read when a kernel module is
+    # first imported, by whichever test gets there first, so set it once for the whole session.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -58,3 +58,20 @@ def test_end_to_end_default_model(tmp_path, real_tokenizer, capsys):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits.float()).all()
+
+
+def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "w3"
+    argv = ["--scheme", "W3G128", "-o", str(out), "--no-progress", "--eval", "--eval-seqlen", "128",
+            "--eval-windows", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ppl (seqlen 128): baseline" in printed and "eval report:" in printed
+    meta = json.loads((out / "wq.json").read_text())
+    (dataset,) = meta["eval"]["baseline"]["ppl"]
+    base = meta["eval"]["baseline"]["ppl"][dataset]
+    quant = meta["eval"]["W3G128"]["ppl"][dataset]
+    assert base["tokens"] == quant["tokens"] and base["seqlen"] == 128
+    assert quant["ppl"] > base["ppl"] > 1  # 3-bit RTN costs perplexity
+    assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()

@@ -6,6 +6,7 @@ Thin: flags -> QuantConfig -> load model -> wq.quantize_model -> wq.save -> summ
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -188,6 +189,9 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
                    overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
                                                    "size_bytes": {"before": before, "after": after}})
+    from .calib import clear_checkpoint
+
+    clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
@@ -220,6 +224,38 @@ def run_cast(cfg: QuantConfig, model, tok, before: int, t0: float) -> dict:
     return {"report": audit, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
 
+def run_eval(cfg: QuantConfig, result: dict) -> str:
+    """--eval: perplexity (and --eval-tasks) of the fresh checkpoint next to the unquantized model, one run.
+
+    Writes OUT/eval/report.{json,md,png} and copies the report into wq.json under "eval".
+    Returns a short summary line.
+    """
+    from eval.run import evaluate
+
+    from .assets import DEFAULT_MODEL
+
+    target = Path(result["dirs"][0])
+    bundled = cfg.model in (None, "", DEFAULT_MODEL)
+    datasets = cfg.eval_ppl or (["austen"] if bundled else ["wikitext2"])
+    report = evaluate(str(target), baseline=cfg.model or DEFAULT_MODEL, ppl=datasets, tasks=cfg.eval_tasks,
+                      seqlen=cfg.eval_seqlen, windows=cfg.eval_windows, out=target / "eval")
+    if report is None:  # not rank 0
+        return ""
+    meta_path = target / "wq.json"
+    meta = json.loads(meta_path.read_text())
+    meta["eval"] = report
+    tmp = meta_path.with_name(".wq.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, meta_path)  # never a half-written wq.json
+    lines = []
+    name = next(m for m in report["models"] if m != "baseline")
+    for ds, base in report["baseline"]["ppl"].items():
+        q = report[name]["ppl"][ds]
+        lines.append(f"{ds} ppl (seqlen {base['seqlen']}): baseline {base['ppl']:.3f} -> {name} {q['ppl']:.3f} "
+                     f"({(q['ppl'] / base['ppl'] - 1) * 100:+.1f}%)")
+    return "\n".join(lines + [f"eval report: {target / 'eval' / 'report.md'}"])
+
+
 def _calib_args(cfg: QuantConfig) -> dict:
     """Calibration settings, passed only to calibrated algorithms."""
     from .algorithms import ALGORITHMS
@@ -242,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output directory", file=sys.stderr)
+        print("interrupted: nothing was written to the output directory (a calibrated run continues from its "
+              "last finished block with the same flags plus --resume)", file=sys.stderr)
         return 130
     print(result["summary"])
+    if cfg.eval:
+        print(run_eval(cfg, result))
     if cfg.push_to_hub:  # last, so the card sees everything the run wrote (eval included)
         from .hub import HubPushError, push_to_hub
 

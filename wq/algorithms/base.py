@@ -21,18 +21,29 @@ class QuantResult:
 class Algorithm:
     """Decides integer codes, scales and zero points. Knows nothing of formats or kernels.
 
-    Data-free algorithms implement `quantize_weight`. Calibrated ones set `needs_calibration` and are
-    driven block by block by wq.calib (which hands them each Linear's inputs or Hessian).
+    Data-free algorithms implement `quantize_weight(w, scheme)`. Calibrated ones set
+    `needs_calibration` and are driven block by block by wq.calib.pipeline, at one of two
+    granularities (the full contract is in that module's docstring):
+
+    - "layer": `quantize_weight(w, scheme, *, H=H)`, H the [in, in] fp32 Hessian 2/n sum x^T x of
+      the Linear's inputs (gptq).
+    - "block": `quantize_block(block, plan, inputs, kwargs, targets) -> {name: QuantResult}`,
+      names relative to the block (autoround).
     """
 
     name: str = ""
     needs_calibration: bool = False
+    granularity: str = "layer"  # "layer" or "block": what wq.calib hands a calibrated algorithm
 
     def __init__(self, **settings):
         self.settings = settings
 
     def quantize_weight(self, w: Tensor, scheme: QuantScheme, **context) -> QuantResult:
         raise NotImplementedError
+
+    def quantize_block(self, block, plan: dict[str, QuantScheme], inputs: list[Tensor], kwargs: list[dict],
+                       targets: list[Tensor]) -> dict[str, QuantResult]:
+        raise NotImplementedError(f"{self.name} is not a block-granularity algorithm")
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")

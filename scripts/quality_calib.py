@@ -1,0 +1,78 @@
+"""Quality table rows: perplexity of rtn / gptq / ... at each scheme on the bundled model, CPU protocol.
+
+Protocol (DESIGN.md): perplexity on Pride and Prejudice, seqlen 512, first 40 non-overlapping windows,
+fp32 on CPU; calibration 32 x 512 token windows from Emma (seed 0); the model quantized in fp32.
+Each (algo, scheme) starts from a fresh copy of the fp32 model. One JSON line per row is appended to
+--out, and a markdown row printed.
+
+    python scripts/quality_calib.py --algos rtn gptq --schemes W4G128 W3G128 W2G128 --out docs/quality.jsonl
+    python scripts/quality_calib.py --algos autoround --schemes W3G128 --set iters=200 --out docs/quality.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ppl_quick  # noqa: E402
+
+import wq  # noqa: E402
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algos", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--schemes", nargs="+", default=["W4G128", "W3G128", "W2G128", "W4G-1"])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra algorithm settings")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+
+    base, tok = ppl_quick.load_fp32()
+    win = ppl_quick.windows_for(tok, "prideprejudice", a.seqlen, a.windows)
+
+    def emit(row: dict) -> None:
+        print(f"| {row['scheme']} | {row['algo']} | {row['ppl']:.3f} | {row.get('quant_s', 0):.0f} |", flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if not a.no_baseline:
+        r = ppl_quick.perplexity(base, win)
+        emit({"scheme": "BF16", "algo": "-", **r})
+    for scheme in a.schemes:
+        for algo in a.algos:
+            m = copy.deepcopy(base)
+            t = time.perf_counter()
+            settings = {"nsamples": a.nsamples, "seqlen": a.seqlen, **extra} if algo != "rtn" else {}
+            rep = wq.quantize_model(m, scheme, algo=algo, calib="emma", tokenizer=tok, progress=False, **settings)
+            qs = time.perf_counter() - t
+            r = ppl_quick.perplexity(m, win)
+            emit({"scheme": scheme, "algo": algo, "settings": settings, "quant_s": qs,
+                  "peak_memory_bytes": rep.peak_memory_bytes, "mean_rel_error": rep.mean_error, **r})
+            del m
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""GPTQ: quantize one column at a time and spread its error over the not-yet-quantized columns.
+
+With H = 2/n sum x^T x the Hessian of the layer's output error ||X W^T - X Wq^T||^2 in W, the error of
+quantizing column j is compensated optimally on the remaining columns through the upper Cholesky
+factor U of H^-1 (OBQ's update, computed once). Columns go in blocks of `block`: within a block the
+updates are applied column by column, and to the columns after it in one matmul (lazy batch updates).
+
+Act-order quantizes columns by decreasing H diagonal (the most sensitive first). With static groups
+(default) every group's scale/zero are computed up front from the original weights of its own
+consecutive columns, so group g still holds columns [g*G, (g+1)*G) and the checkpoint's g_idx is the
+plain i // G: codes are un-permuted at the end and nothing about the layout changes. Without static
+groups a group is G consecutive columns *in act order* and g_idx records that (g_idx[perm[k]] = k // G).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .. import primitives as P
+from ..packing import PackedWeight
+from ..scheme import QuantScheme
+from .base import ALGORITHMS, Algorithm, QuantResult
+
+log = logging.getLogger(__name__)
+
+
+def _qparams(w: Tensor, scheme: QuantScheme, mse: bool) -> tuple[Tensor, Tensor]:
+    """One (scale, zero) pair per row for a slice w [out, <=G] -> ([out], [out])."""
+    one = QuantScheme(bits=scheme.bits, group_size=-1, sym=scheme.sym, fmt="int")
+    scale, zero = P.search_clip(w, one) if mse else P.minmax_qparams(w, one)
+    return scale[:, 0], zero[:, 0]
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with 10x damping if H is not PD."""
+    n = H.shape[0]
+    mean_diag = float(H.diagonal().mean())
+    eye = torch.eye(n, device=H.device, dtype=H.dtype)
+    d = damp
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if int(info) == 0:
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)  # BLAS trsm: far faster than potri here
+            Hinv = Linv.t() @ Linv  # (L L^T)^-1
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                if d != damp:
+                    log.warning("gptq: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
+                return U, d
+        d = max(d * 10, 1e-4)
+    raise RuntimeError(f"gptq: Hessian is not positive definite even with damp={d / 10:g}; the calibration "
+                       f"inputs may contain inf/nan (try more --nsamples or a larger --damp)")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: Tensor,
+    H: Tensor,
+    scheme: QuantScheme,
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = True,
+    mse: bool = False,
+) -> QuantResult:
+    """w: [out, in] weights, H: [in, in] Hessian of the layer's inputs -> codes minimising tr(E H E^T).
+
+    damp: fraction of the mean diagonal added to H; block: columns per lazy update; act_order /
+    static_groups: see the module doc; mse: search a clipped range per group instead of min-max.
+    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used.
+    """
+    W = w.detach().float().clone()  # [out, in]
+    out_f, in_f = W.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"gptq: Hessian shape {tuple(H.shape)} does not match in_features={in_f}")
+    H0 = H.float()
+    H = H0.clone()
+    G = scheme.group_for(in_f)
+    n_groups = scheme.n_groups(in_f)
+
+    dead = H.diagonal() == 0  # inputs that were always zero: any value works, quantize them to 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = act_order and static_groups
+    scale = torch.zeros(out_f, n_groups, device=W.device)
+    zero = torch.zeros(out_f, n_groups, device=W.device)
+    if static:  # from the original weights of each group's own columns, before any update
+        for g in range(n_groups):
+            scale[:, g], zero[:, g] = _qparams(W[:, g * G:(g + 1) * G], scheme, mse)
+
+    perm = torch.arange(in_f, device=W.device)
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, used_damp = _inverse_cholesky(H, damp)  # [in, in] upper
+    del H
+
+    # group of the k-th processed column: its own (static / natural order) or its act-order position
+    col_group = perm // G if (static or not act_order) else torch.arange(in_f, device=W.device) // G
+    col_group = col_group.tolist()
+    # the column loop works on transposed copies: column k of W is the contiguous row k of Wt
+    Wt = W.t().contiguous()  # [in, out]
+    del W
+    Qt = torch.zeros(in_f, out_f, device=Wt.device)  # codes, processing order, as float
+    maxq = scheme.maxq
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = Wt[i1:i2]  # [b, out] view: updated in place
+        E1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            k = i1 + i
+            g = col_group[k]
+            if not static and k % G == 0:  # dynamic group: params from the current (updated) weights
+                scale[:, g], zero[:, g] = _qparams(Wt[k:k + G].t(), scheme, mse)
+            s, z = scale[:, g], zero[:, g]
+            col = W1[i]  # [out]
+            q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+            Qt[k] = q
+            err = E1[i]
+            torch.sub(col, (q - z) * s, out=err)
+            err.div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)  # spread the error over the block's later columns
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)  # lazy update of everything after the block
+    Q = Qt.t().to(torch.int32)  # [out, in]
+    g_idx = None
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]  # back to the original column order
+        if not static:
+            g_idx = torch.tensor(col_group, device=Q.device, dtype=torch.int32)[inv]
+    packed = PackedWeight.from_codes(Q, scale, zero, scheme, g_idx=g_idx)
+    w_hat = packed.dequantize(torch.float32)  # [out, in]
+    E = w.float() - w_hat
+    loss = float((E @ H0 * E).sum())
+    return QuantResult(packed, P.relative_error(w, w_hat), {"loss": loss, "damp": used_damp})
+
+
+@ALGORITHMS.register("gptq")
+class GPTQ(Algorithm):
+    """Settings: damp (0.01), block_size (128), act_order (False), static_groups (True), mse (False)."""
+
+    name = "gptq"
+    needs_calibration = True
+    granularity = "layer"
+
+    def quantize_weight(self, w: Tensor, scheme: QuantScheme, *, H: Tensor | None = None, **context) -> QuantResult:
+        if H is None:
+            raise ValueError("gptq needs the Hessian of the layer's inputs (H=); run it through wq.quantize_model "
+                             "with calibration data")
+        st = self.settings
+        return gptq_quantize(w, H, scheme, block=int(st.get("block_size") or 128), damp=float(st.get("damp", 0.01)),
+                             act_order=bool(st.get("act_order", False)),
+                             static_groups=bool(st.get("static_groups", True)), mse=bool(st.get("mse", False)))

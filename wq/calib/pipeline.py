@@ -1,0 +1,441 @@
+"""The sequential block-by-block calibration pipeline, and the contract calibrated algorithms code against.
+
+    quantize_calibrated(model, plan, algorithm, report, *, calib, tokenizer, device, progress)
+
+called by wq.api.quantize_model when `algorithm.needs_calibration`. Steps:
+
+1. Calibration samples (wq.calib.data): `nsamples` x `seqlen` token windows, split into batches of
+   `batch_size`.
+2. Capture the inputs of the first decoder block: a forward pre-hook on it records its hidden-state
+   input and keyword arguments (attention mask, position_ids, position_embeddings...) and stops the
+   forward with an exception; only the modules outside the blocks (embeddings, rotary) visit the
+   compute device, cast to fp32.
+3. For each block: move it to the compute device and cast it to fp32 (all calibration math is fp32,
+   on CPU and CUDA alike); quantize its planned Linears (below); swap QuantLinear in for each
+   (QuantLinear.from_packed); recompute the block's outputs with the quantized block, which become
+   the next block's inputs; cast back to the model dtype and move back to where it lived. Only one
+   block is on the compute device at a time. With `low_mem` the activations stay on CPU and each
+   batch visits the device when used.
+4. Resume: when `output` is given, after every finished block a checkpoint is written atomically
+   (temp file + rename) into `<output>.partial/`: each finished block's state dict, the next block's
+   input activations and state.json (the commit point). With `resume=True` a run restarts after the
+   last finished block and produces the same tensors as an uninterrupted run; settings must match.
+   `clear_checkpoint(output)` removes the directory once the model is saved.
+
+Settings come from `algorithm.settings` (quantize_model's **algo_args; the CLI passes them):
+    nsamples=128, seqlen=2048, seed=0, batch_size=8, low_mem=False, resume=False, output=None
+
+Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
+
+- granularity = "layer" (gptq):
+      quantize_weight(w: Tensor [out, in] fp32, scheme: QuantScheme, *, H: Tensor [in, in] fp32)
+          -> QuantResult
+  H = 2/n * sum_x x^T x over the n token rows x [in] that reached this Linear in the unquantized
+  block (forward hooks, all of the block's Linears observed in one pass; Linears fed the same tensor,
+  q/k/v and gate/up, share one H object: never modify H in place). The pipeline shows
+  `result.stats["loss"]` (else `result.error`) per Linear.
+
+- granularity = "block" (autoround):
+      quantize_block(block: nn.Module, plan: dict[str, QuantScheme], inputs: list[Tensor],
+                     kwargs: list[dict], targets: list[Tensor]) -> dict[str, QuantResult]
+  block: the decoder block, on the compute device, fp32, still with its nn.Linear modules (do not
+  swap them yourself; restore any weight you modify in place). plan: names relative to the block
+  ("self_attn.q_proj") -> scheme, only the Linears to quantize. inputs[j]: the block's hidden-state
+  input for calibration batch j, fp32 [b, L, hidden] (produced by the already-quantized previous
+  blocks); kwargs[j]: the other keyword arguments the block is called with for that batch (floating
+  tensors fp32, on the compute device), so `block(inputs[j], **kwargs[j])` reproduces the model's call;
+  targets[j]: what the unquantized model computes at this block's output for batch j: the unquantized
+  block applied to the full-precision stream (inputs of the unquantized model), not to inputs[j], so
+  the block also learns to undo earlier blocks' error. inputs/targets are on the compute device,
+  or on CPU when `low_mem` is set: always `.to(device)` each batch before use. Return one QuantResult
+  per plan entry; the pipeline swaps QuantLinear in, recomputes outputs and moves on.
+  A block's output may be a tensor or a tuple (hidden states first): use `block_output(block(...))`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..algorithms.rtn import rtn_quantize
+from ..nn import QuantLinear, set_module
+from ..scheme import QuantScheme
+from .data import calibration_samples
+
+log = logging.getLogger(__name__)
+
+CALIB_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "seed": 0, "batch_size": 8, "low_mem": False,
+                  "resume": False, "output": None}
+_NOT_ALGO = set(CALIB_DEFAULTS) - {"seed"}  # settings that do not change the result (resume/output/...)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the rest of the model is not needed."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def block_output(out) -> Tensor:
+    """Decoder blocks return a tensor (transformers >= 5) or a tuple with the hidden states first."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj, device=None, dtype=None):
+    """Move (and cast floating) tensors inside nested tuples/lists/dicts."""
+    if isinstance(obj, Tensor):
+        return obj.to(device=device, dtype=dtype if (dtype is not None and obj.is_floating_point()) else None)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def find_blocks(model: nn.Module, plan: dict) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the one holding the most planned Linears."""
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and name:
+            n = sum(1 for p in plan if p.startswith(name + "."))
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise ValueError("calibrated quantization needs a model with a list of decoder blocks (e.g. "
+                         "model.layers); none holds the planned Linears. Use --algo rtn for this model")
+    return best
+
+
+def _cast_float(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and buffers, leaving QuantLinear (fp16 scales, packed codes) untouched."""
+    for mod in module.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                mod._buffers[name] = b.to(dtype)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _peak_memory(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB; the whole process
+
+
+# ------------------------------------------------------------------------------------------ capture
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, prefix: str, batches: list[Tensor],
+                         device: torch.device, store: torch.device) -> tuple[list[Tensor], list[dict]]:
+    """Run the model up to the first block for each batch: its fp32 inputs (on `store`) and kwargs (on device)."""
+    inputs: list[Tensor] = []
+    kwargs: list[dict] = []
+
+    def hook(module, args, kw):
+        if len(args) > 1:
+            raise NotImplementedError(f"{prefix}.0 is called with {len(args)} positional arguments; wq.calib "
+                                      f"supports blocks called as block(hidden_states, **kwargs)")
+        x = args[0] if args else kw.pop("hidden_states")
+        inputs.append(x.detach().float().to(store))
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        kwargs.append(_to(kw, device, torch.float32))
+        raise _StopForward
+
+    # everything outside the blocks visits the device in fp32; the original tensors are put back after
+    saved = []
+    seen = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}  # blocks stay put
+    for mod in model.modules():
+        for p in list(mod._parameters.values()):
+            if p is not None and id(p) not in seen:  # tied weights appear twice: move once
+                seen.add(id(p))
+                saved.append((p, p.data))
+                p.data = p.data.to(device, torch.float32 if p.is_floating_point() else None)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and id(b) not in seen:
+                saved.append((mod, name, b))
+                mod._buffers[name] = _to(b, device, torch.float32)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError(f"the forward never reached {prefix}.0; cannot capture calibration inputs")
+    finally:
+        handle.remove()
+        for item in reversed(saved):
+            if len(item) == 2:
+                item[0].data = item[1]
+            else:
+                item[0]._buffers[item[1]] = item[2]
+    return inputs, kwargs
+
+
+# ------------------------------------------------------------------------------------------ resume
+class Checkpoint:
+    """`<output>.partial/`: state.json (commit point), block_NNNN.safetensors, acts_NNNN.safetensors."""
+
+    def __init__(self, output: str | os.PathLike, fingerprint: dict):
+        self.dir = Path(str(output).rstrip("/") + ".partial")
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+
+    def state(self) -> dict | None:
+        f = self.dir / "state.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def reset(self) -> None:
+        if self.dir.exists():
+            log.info("removing the previous partial run %s (pass --resume to continue it instead)", self.dir)
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+
+    def _atomic(self, path: Path, write) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+
+    def save(self, index: int, block: nn.Module, hidden: list[Tensor], layers: dict, done: bool,
+             fp_hidden: list[Tensor] | None = None) -> None:
+        """Block `index` is finished: its state dict, the inputs of block index+1 (quantized stream, and
+        the full-precision stream for block algorithms), then state.json."""
+        sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        self._atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(sd, str(p)))
+        if not done:
+            acts = {f"h{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}
+            acts.update({f"f{j}": h.detach().cpu().contiguous() for j, h in enumerate(fp_hidden or [])})
+            self._atomic(self.dir / f"acts_{index + 1:04d}.safetensors", lambda p: save_file(acts, str(p)))
+        state = {"version": 1, "fingerprint": self.fingerprint, "next_block": index + 1, "done": done,
+                 "layers": layers}
+        self._atomic(self.dir / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        old = self.dir / f"acts_{index:04d}.safetensors"
+        if old.exists():
+            old.unlink()
+
+    def load_block(self, index: int) -> dict[str, Tensor]:
+        return load_file(str(self.dir / f"block_{index:04d}.safetensors"))
+
+    def load_acts(self, index: int) -> tuple[list[Tensor], list[Tensor] | None]:
+        """(quantized-stream inputs, full-precision-stream inputs or None) of block `index`."""
+        d = load_file(str(self.dir / f"acts_{index:04d}.safetensors"))
+        n = sum(k.startswith("h") for k in d)
+        fp = [d[f"f{j}"] for j in range(n)] if "f0" in d else None
+        return [d[f"h{j}"] for j in range(n)], fp
+
+
+def clear_checkpoint(output: str | os.PathLike | None) -> None:
+    """Remove `<output>.partial/` (call after the quantized model is saved)."""
+    if output:
+        d = Path(str(output).rstrip("/") + ".partial")
+        if d.exists():
+            shutil.rmtree(d)
+
+
+def _restore_block(block: nn.Module, names: dict[str, QuantScheme], sd: dict[str, Tensor]) -> None:
+    """Swap in empty QuantLinear per planned Linear, then load the finished block's saved state dict."""
+    for rel, scheme in names.items():
+        lin = block.get_submodule(rel)
+        bias = sd.get(f"{rel}.bias")
+        q = QuantLinear(lin.in_features, lin.out_features, scheme, bias=bias is not None,
+                        act_order=f"{rel}.g_idx" in sd, bias_dtype=bias.dtype if bias is not None else torch.bfloat16)
+        set_module(block, rel, q)
+    block.load_state_dict(sd, strict=True)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorithm, report, *, calib=None,
+                        tokenizer=None, device=None, progress: bool = True) -> None:
+    """Quantize `plan`'s Linears block by block with a calibrated `algorithm`; fills `report` (see module doc)."""
+    from ..api import LayerReport, _bias_bytes
+
+    s = {**CALIB_DEFAULTS, **{k: v for k, v in algorithm.settings.items() if k in CALIB_DEFAULTS}}
+    dev = torch.device(device) if device else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    store = torch.device("cpu") if s["low_mem"] else dev
+    granularity = getattr(algorithm, "granularity", "layer")
+    if granularity not in ("layer", "block"):
+        raise ValueError(f"{algorithm.name}: granularity must be 'layer' or 'block', not {granularity!r}")
+
+    prefix, blocks = find_blocks(model, plan)
+    outside = {n: sch for n, sch in plan.items() if not n.startswith(prefix + ".")}
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    samples = calibration_samples(calib, tokenizer, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
+                                  max_length=max_len)  # [n, L]
+    batches = list(samples.split(max(1, s["batch_size"])))
+    log.info("calibrating %s on %d samples x %d tokens, %d blocks, device %s", algorithm.name, samples.shape[0],
+             samples.shape[1], len(blocks), dev)
+
+    ckpt, start = None, 0
+    if s["output"]:
+        fp = {"algo": algorithm.name, "plan": {n: str(v) for n, v in plan.items()},
+              "settings": {k: v for k, v in sorted(algorithm.settings.items()) if k not in _NOT_ALGO},
+              "calib": calib if isinstance(calib, (str, type(None))) else "<tokens>",
+              "samples": list(samples.shape), "samples_sum": int(samples.sum()), "blocks": len(blocks)}
+        ckpt = Checkpoint(s["output"], fp)
+        state = ckpt.state() if s["resume"] else None
+        if s["resume"] and state is None:
+            log.warning("--resume: no partial run in %s; starting from the first block", ckpt.dir)
+        if state is not None:
+            if state["fingerprint"] != ckpt.fingerprint:
+                diff = sorted(k for k in set(state["fingerprint"]) | set(ckpt.fingerprint)
+                              if state["fingerprint"].get(k) != ckpt.fingerprint.get(k))
+                raise ValueError(f"{ckpt.dir} was made with different settings ({', '.join(diff)}); rerun with "
+                                 f"the same flags to resume, or without --resume to start over")
+            start = state["next_block"]
+            for i in range(start):
+                _restore_block(blocks[i], _names_in(plan, f"{prefix}.{i}"), ckpt.load_block(i))
+            for name, r in state["layers"].items():
+                report.layers[name] = LayerReport(**r)
+            log.info("resuming from block %d/%d (%s)", start, len(blocks), ckpt.dir)
+        else:
+            ckpt.reset()
+
+    hidden, kwargs = capture_block_inputs(model, blocks, prefix, batches, dev, store)
+    # Block algorithms learn to reproduce the *unquantized model's* hidden states: their targets come
+    # from a full-precision stream carried beside the quantized one, so each block can also correct
+    # the error earlier quantized blocks left in its inputs (as AutoRound does). Costs one more set of
+    # activations, no extra forward: the fp block's outputs are both the targets and the next fp inputs.
+    fp_hidden = list(hidden) if granularity == "block" else None
+    if 0 < start < len(blocks):
+        acts, fp_acts = ckpt.load_acts(start)
+        hidden = [h.to(store) for h in acts]
+        if fp_hidden is not None:
+            fp_hidden = [h.to(store) for h in (fp_acts or acts)]
+
+    bar = tqdm(range(start, len(blocks)), desc=f"{algorithm.name} {report.scheme}", unit="block",
+               disable=not progress, initial=start, total=len(blocks))
+    for i in bar:
+        t0 = time.perf_counter()
+        block = blocks[i]
+        bname = f"{prefix}.{i}"
+        names = _names_in(plan, bname)
+        home = next(block.parameters()).device
+        dtype = _float_dtype(block)
+        block.to(dev)
+        _cast_float(block, torch.float32)
+        before = {rel: block.get_submodule(rel) for rel in names}
+        if granularity == "layer":
+            results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev)
+        else:
+            with torch.no_grad():  # the unquantized block on the full-precision stream
+                targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
+            t = time.perf_counter()
+            results = algorithm.quantize_block(block, names, hidden, kwargs, targets)
+            fp_hidden = targets  # inputs of the next unquantized block
+            seconds = {rel: (time.perf_counter() - t) / max(len(names), 1) for rel in names}
+        missing = set(names) - set(results)
+        if missing:
+            raise RuntimeError(f"{algorithm.name}.quantize_block returned no result for {sorted(missing)}")
+        losses = {}
+        for rel, res in results.items():
+            lin = before[rel]
+            bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+            set_module(block, rel, QuantLinear.from_packed(res.packed, bias))
+            w = lin.weight
+            report.layers[f"{bname}.{rel}"] = LayerReport(
+                scheme=str(names[rel]), error=res.error, seconds=seconds[rel],
+                bytes_before=w.numel() * dtype.itemsize + _bias_bytes(lin),
+                bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats=_plain(res.stats))
+            losses[rel] = float(res.stats.get("loss", res.error))
+        del before
+        with torch.no_grad():  # the next block sees what the quantized model computes
+            hidden = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(hidden, kwargs)]
+        _cast_float(block, dtype)
+        block.to(home)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if ckpt is not None:
+            ckpt.save(i, block, hidden, {n: vars(r) for n, r in report.layers.items()}, done=i == len(blocks) - 1,
+                      fp_hidden=fp_hidden)
+        dt = time.perf_counter() - t0
+        log.info("block %d/%d %.1fs  %s", i + 1, len(blocks), dt,
+                 "  ".join(f"{rel.split('.')[-1]} {v:.3g}" for rel, v in losses.items()))
+        bar.set_postfix(block_s=f"{dt:.1f}", max_loss=f"{max(losses.values(), default=0):.3g}")
+
+    for name, scheme in outside.items():  # e.g. an overridden lm_head: not inside a block, no observed inputs
+        log.warning("%s is outside the decoder blocks: quantized with rtn, not %s", name, algorithm.name)
+        lin = model.get_submodule(name)
+        t = time.perf_counter()
+        res = rtn_quantize(lin.weight.detach(), scheme)
+        set_module(model, name, QuantLinear.from_packed(res.packed.to(lin.weight.device), lin.bias))
+        report.layers[name] = LayerReport(
+            scheme=str(scheme), error=res.error, seconds=time.perf_counter() - t,
+            bytes_before=lin.weight.numel() * lin.weight.element_size() + _bias_bytes(lin),
+            bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats={"fallback": "rtn"})
+    report.peak_memory_bytes = _peak_memory(dev)
+
+
+def _names_in(plan: dict[str, QuantScheme], bname: str) -> dict[str, QuantScheme]:
+    return {n[len(bname) + 1:]: sch for n, sch in plan.items() if n.startswith(bname + ".")}
+
+
+def _plain(stats: dict) -> dict:
+    """JSON-able stats (the checkpoint's state.json and wq.json hold them)."""
+    return {k: (float(v) if isinstance(v, Tensor) else v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm, hidden: list[Tensor],
+                     kwargs: list[dict], dev: torch.device):
+    """Layer granularity: accumulate each Linear's Hessian over the calibration batches, then quantize."""
+    H: dict[str, Tensor] = {}  # one accumulator per distinct input: q/k/v (and gate/up) share theirs
+    count: dict[str, int] = {}
+    alias: dict[str, str] = {}  # Linear -> the Linear whose accumulator holds its input
+    last: dict[tuple, tuple] = {}  # input identity in the current batch -> (first Linear that saw it, input)
+
+    def make_hook(rel):
+        def hook(module, args, out):
+            inp = args[0]
+            key = (inp.data_ptr(), tuple(inp.shape), inp._version)
+            owner = last.setdefault(key, (rel, inp))[0]  # holding inp: its address cannot be reused meanwhile
+            if alias.setdefault(rel, owner) != owner:
+                raise RuntimeError(f"{rel}: its input is shared differently across calibration batches")
+            if owner != rel:
+                return
+            x = inp.detach().reshape(-1, inp.shape[-1]).float()  # [tokens, in]
+            if rel not in H:
+                H[rel] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                count[rel] = 0
+            H[rel].addmm_(x.t(), x)
+            count[rel] += x.shape[0]
+        return hook
+
+    handles = [block.get_submodule(rel).register_forward_hook(make_hook(rel)) for rel in names]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            last.clear()
+            block(h.to(dev), **kw)
+    finally:
+        for hd in handles:
+            hd.remove()
+    for rel in list(H):
+        H[rel].mul_(2.0 / count[rel])  # [in, in]
+    results, seconds = {}, {}
+    for rel, scheme in names.items():
+        if rel not in alias:
+            raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
+        t = time.perf_counter()
+        hess = H[alias[rel]]  # [in, in]; algorithms must not modify it in place (it may be shared)
+        w = block.get_submodule(rel).weight.detach().float()  # [out, in]
+        results[rel] = algorithm.quantize_weight(w, scheme, H=hess)
+        seconds[rel] = time.perf_counter() - t
+    return results, seconds
