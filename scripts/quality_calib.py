@@ -15,11 +15,15 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# the CPU protocol is fp32: pin the reference kernel (fast CPU kernels use bf16 activations)
+os.environ.setdefault("WQ_KERNEL", "reference")
 
 import ppl_quick  # noqa: E402
 
