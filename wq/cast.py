@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,32 +91,20 @@ def cast_model(model: nn.Module, scheme: QuantScheme | str = "FP16", *, calib: T
 def save_cast(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, config=None, overwrite: bool = False,
               extra: dict | None = None) -> list[Path]:
     """Write a cast model as a plain checkpoint (no quantization_config) + wq.json (+ fp16_audit.json)."""
-    from .io import WQ_JSON, versions
+    from .io import WQ_JSON, atomic_dir, wq_meta
 
     quant = model.wq_quant
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         audit = getattr(model, "wq_audit", None)
         if audit is not None:
             audit.save(tmp / AUDIT_JSON)
-        meta = {"format": "plain", "scheme": quant["scheme"], "algo": "cast", "layers": {},
-                "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
-                "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **(extra or {})}
+        meta = {"format": "plain", **wq_meta({**quant, "algo": "cast"}, config, layers={}), **(extra or {})}
         (tmp / WQ_JSON).write_text(json.dumps(meta, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (plain %s checkpoint)", out, quant["scheme"])
     return [out]

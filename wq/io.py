@@ -18,6 +18,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,33 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to write into; on success it replaces `out` by one rename,
+    on any failure (full disk, Ctrl-C) it is removed: never a half-written directory that looks done."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def wq_meta(quant: dict, config: Any, **fields) -> dict:
+    """The common part of wq.json: scheme, algorithm, recipe, versions, report, creation time."""
+    return {"scheme": quant["scheme"], "algo": quant["algo"],
+            "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
+            "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **fields}
+
+
 # ------------------------------------------------------------------------------------------ save
 
 
@@ -90,24 +119,13 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
-    try:
-        written = []
+    written = []
+    with atomic_dir(out) as tmp:
         for name in formats:
             target = tmp / name if len(formats) > 1 else tmp
             target.mkdir(parents=True, exist_ok=True)
             _write_one(model, target, FORMATS.get(name)(), quant, tokenizer, config, extra)
             written.append(out / name if len(formats) > 1 else out)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for d in written:
         log.info("wrote %s (%s)", d, json.loads((d / "config.json").read_text())["quantization_config"]
                  ["quant_method"])
@@ -142,18 +160,8 @@ def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> Non
             log.warning("generation_config not saved: %s", e)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
-    meta = {
-        "format": fmt.name,
-        "scheme": quant["scheme"],
-        "algo": quant["algo"],
-        "layers": quant["layers"],
-        "recipe": config.to_dict() if hasattr(config, "to_dict") else config,
-        "versions": versions(),
-        "report": quant.get("report"),
-        "consumers": options.get("consumers"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(extra or {}),
-    }
+    meta = {"format": fmt.name, **wq_meta(quant, config, layers=quant["layers"],
+                                          consumers=options.get("consumers")), **(extra or {})}
     (target / WQ_JSON).write_text(json.dumps(meta, indent=2, default=str))
 
 
