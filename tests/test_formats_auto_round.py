@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import make_tiny_llama
+from transformers import AutoModelForCausalLM
 
 import wq
 
@@ -14,10 +15,7 @@ pytest.importorskip("auto_round", reason="auto-round is in the dev extra")
 
 
 def _tiny(scheme: str, **over):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(vocab=128)
     wq.quantize_model(model, scheme, progress=False, **over)
     return model
 

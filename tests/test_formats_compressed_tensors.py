@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import make_tiny_llama
+from transformers import AutoModelForCausalLM
 
 import wq
 from wq.formats import FORMATS
@@ -84,10 +85,7 @@ def test_compressor_reproduces_wq_tensors(scheme):
 
 
 def _tiny(scheme: str, **over):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(vocab=128)
     wq.quantize_model(model, scheme, progress=False, **over)
     return model
 
