@@ -158,7 +158,7 @@ def main() -> None:
                      "max_activation": {**act, "ratio_to_fp16_max": act["amax"] / FP16_MAX}})
         print(rows[-1], flush=True)
         del m
-    result = {"model": str(path), "protocol": r["protocol"] + "; fp32 math, reference kernel for quantized layers",
+    result = {"model": Path(path).name, "protocol": r["protocol"] + "; fp32 math, reference kernel for quantized layers",
               "threads": args.threads, "fp16_max": FP16_MAX, "fp16_audit": audit_row, "rows": rows,
               "total_seconds": time.perf_counter() - t_all}
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
