@@ -45,7 +45,7 @@ SHAPES = {  # (out, in)
     "llama1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],
 }
 SCHEMES = ["W4G128", "W3G128", "W2G128", "W8", "W4G-1"]
-CPU_KERNELS = ["cpu_avx2", "cpu_avx2_3bit", "aten_int4", "aten_int8"]
+CPU_KERNELS = ["cpu_avx2_i8", "cpu_avx2", "aten_int4", "aten_int8"]
 
 
 def random_packed(out_f: int, in_f: int, scheme: str, seed: int = 0) -> PackedWeight:
@@ -130,7 +130,7 @@ def bench_layers(args) -> list[dict]:
                         cands[f"{s}/auto"] = partial(layers[s], x32)
                         auto[s] = select(x32, packed[s]).name
                         for (s2, kn), (kern, st) in states.items():
-                            if s2 == s and not (kn.startswith("cpu_avx2") and m > args.native_max_m):
+                            if s2 == s and not (kn == "cpu_avx2" and m > args.native_max_m):
                                 cands[f"{s}/{kn}"] = partial(kern.fn, x32, packed[s], None, st)
                         if peers.get(s) is not None and m <= args.peer_max_m:
                             cands[f"{s}/autoround_torch"] = partial(peers[s], x32)
@@ -146,16 +146,20 @@ def bench_layers(args) -> list[dict]:
 
 
 def module_bytes(model) -> int:
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of parameters and buffers (meta tensors of compacted layers excluded) plus every repacked
+    kernel layout the layers hold (the per-weight cache of the op, or a compacted layer's own layout)."""
     from wq.kernels import ops
 
+    def size(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor) and not t.is_meta)
+
+    total = size(list(model.parameters()) + list(model.buffers()))
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):  # repacked kernel layouts, cached per qweight by the custom op
+        if isinstance(mod, QuantLinear):
+            compact = mod.__dict__.get("_compact")
             hit = ops._STATE.get(id(mod.qweight))
-            for state in (hit[2].values() if hit else ()):
-                if state is not None:
-                    total += sum(v.numel() * v.element_size() for v in vars(state).values()
-                                 if isinstance(v, torch.Tensor))
+            states = [compact] if compact is not None else list(hit[2].values()) if hit else []
+            total += sum(size(vars(st).values()) for st in states if st is not None)
     return total
 
 
@@ -233,6 +237,84 @@ def _decode_run(name: str, models: dict, ids, args) -> dict:
     return {"model": name, "tokens": args.tokens, "results": res}
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+@torch.no_grad()
+def rss_one(args) -> dict:
+    """One model in a fresh process: resident memory after building it, and the peak while it decodes.
+
+    The peak counter (VmHWM) is reset after the model is built (Linux /proc/self/clear_refs "5"), so the
+    peak is the decode's, not the construction's (building a random model goes through dense weights).
+    """
+    import gc
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wq.nn import compact
+
+    torch.set_num_threads(args.decode_threads)
+    base_kib = _rss_kib("VmRSS")  # python + torch + transformers, no model
+    variant = args.rss_variant
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.llama_layers,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=args.llama_vocab,
+                      tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    dtype = torch.float32 if variant == "fp32" else torch.bfloat16  # quantized: dense parts bf16, as saved
+    torch.set_default_dtype(dtype)
+    model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    if variant not in ("fp32", "bf16"):
+        swap_random(model, variant)
+        if args.compact:
+            compact(model)
+    gc.collect()
+    try:  # hand the dense construction's freed heap back to the OS (a real load never builds it)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    built_kib = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    ids = torch.randint(0, args.llama_vocab, (1, 10))
+    gen = partial(model.generate, ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                  eos_token_id=None, pad_token_id=0)
+    gen()
+    t0 = time.perf_counter()
+    gen()
+    tok_s = args.tokens / (time.perf_counter() - t0)
+    return {"variant": variant, "compact": bool(args.compact), "baseline_rss_mib": base_kib / 1024,
+            "built_rss_mib": built_kib / 1024, "peak_rss_mib": _rss_kib("VmHWM") / 1024, "tok_s": tok_s,
+            "weights_mib": module_bytes(model) / 2**20, "layers": args.llama_layers, "vocab": args.llama_vocab,
+            "threads": torch.get_num_threads()}
+
+
+def bench_rss(args) -> list[dict]:
+    """rss_one for each variant, each in its own process (peak RSS is per process)."""
+    import subprocess
+
+    rows = []
+    for variant in ["fp32", "bf16", *args.decode_schemes]:
+        cmd = [sys.executable, __file__, "--part", "rss-one", "--rss-variant", variant, "--tokens", str(args.tokens),
+               "--llama-layers", str(args.llama_layers), "--llama-vocab", str(args.llama_vocab),
+               "--decode-threads", str(args.decode_threads), "--compact" if args.compact else "--no-compact"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    bf16 = next(r for r in rows if r["variant"] == "bf16")
+    for r in rows:
+        r["peak_vs_bf16"] = r["peak_rss_mib"] / bf16["peak_rss_mib"]
+        r["model_vs_bf16"] = (r["peak_rss_mib"] - r["baseline_rss_mib"]) / (bf16["peak_rss_mib"] - bf16["baseline_rss_mib"])
+    return rows
+
+
 def to_markdown(result: dict) -> str:
     """Tables of the ratios (x the faster dense, median over interleaved repetitions)."""
     out = []
@@ -256,6 +338,17 @@ def to_markdown(result: dict) -> str:
                 cells = [f"{r['results'][f'{s}/{k}']['x_dense']:.2f}x" if f"{s}/{k}" in r["results"] else "-"
                          for k in kern]
                 out.append(f"| {r['threads']} | {r['shape']} | {r['m']} | {s} | " + " | ".join(cells) + " |")
+    rss = result.get("rss") or []
+    if rss:
+        r0 = rss[0]
+        out.append(f"\nLlama-3.2-1B-shaped (random, {r0['layers']} layers, vocab {r0['vocab']}), one process per model, "
+                   f"{r0['threads']} thread(s), compact={r0['compact']}:\n")
+        out.append("| model | peak RSS MiB (decode) | x bf16 | peak minus process baseline, x bf16 | RSS after build MiB "
+                   "| weights MiB | tokens/s (this process alone) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rss:
+            out.append(f"| {r['variant']} | {r['peak_rss_mib']:.0f} | {r['peak_vs_bf16']:.2f} | {r['model_vs_bf16']:.2f} "
+                       f"| {r['built_rss_mib']:.0f} | {r['weights_mib']:.0f} | {r['tok_s']:.2f} |")
     for d in result.get("decode") or []:
         out.append(f"\n{d['model']}, greedy decode of {d['tokens']} tokens:\n")
         out.append("| model | tokens/s | x the faster dense | weights + kernel layouts MiB |")
@@ -267,13 +360,16 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["layers", "decode", "all"], default="all")
+    p.add_argument("--part", choices=["layers", "decode", "rss", "rss-one", "all"], default="all")
+    p.add_argument("--rss-variant", default="W4G128", help="(rss-one) fp32, bf16 or a scheme")
+    p.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantized models keep only the CPU kernel layout (QuantLinear.compact_)")
     p.add_argument("--threads", type=int, nargs="+", default=[2])
     p.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
     p.add_argument("--schemes", nargs="+", default=SCHEMES)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--native-max-m", type=int, default=64, help="skip cpu_avx2 timings beyond this M")
+    p.add_argument("--native-max-m", type=int, default=64, help="skip cpu_avx2 (fp32) timings beyond this M")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peer-max-m", type=int, default=16)
     p.add_argument("--decode-schemes", nargs="+", default=["W4G128", "W3G128", "W2G128", "W8"])
@@ -291,11 +387,16 @@ def main(argv=None) -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     force_kernel(None)
+    if args.part == "rss-one":
+        print(json.dumps(rss_one(args)))
+        return
     result = {"argv": sys.argv, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if args.part in ("layers", "all"):
         result["layers"] = bench_layers(args)
     if args.part in ("decode", "all"):
         result["decode"] = bench_decode(args)
+    if args.part in ("rss", "all"):
+        result["rss"] = bench_rss(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         path = Path(f"{args.out}_{args.part}.json")

@@ -4,7 +4,7 @@
     python -m wq.generate OUT_DIR --baseline HuggingFaceTB/SmolLM2-135M-Instruct --dtype bfloat16
 
 The quantized model runs on whatever kernels dispatch picks for the device (on CPU: wq's AVX2
-kernel for decode, aten's int4/int8 kernels for prefill; `WQ_KERNEL=reference` pins the reference).
+kernels, see docs/cpu.md; `WQ_KERNEL=reference` pins the reference).
 The dense baseline (default: the bundled model; `--baseline none` skips it) runs greedy decode in
 fp32 and bf16 in the same process, interleaved with the quantized model, so the speeds compare.
 """
@@ -44,12 +44,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU keep only the CPU kernels' weight layout (frees the checkpoint tensors)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    quant = load(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    quant = load(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype),
+                 compact=args.compact and args.device == "cpu")
     models = {f"{quant.wq_quant['scheme']} ({args.dtype})": quant}
     base_path = None
     if args.baseline != "none":

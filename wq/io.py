@@ -31,6 +31,7 @@ from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
 from .fp8 import FP8_DTYPES
 from .nn import QuantLinear, set_module
+from .nn import compact as compact_layers
 from .packing import PackedWeight
 from .scheme import QuantScheme
 
@@ -230,11 +231,13 @@ def _empty_model(config, dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         *, compact: bool = False):
     """Rebuild a quantized model from any directory wq writes. Returns the model (eval mode).
 
     device: where to put it (default cpu); dtype: dtype of the unquantized parameters and activations
-    (default: the checkpoint's own).
+    (default: the checkpoint's own). compact: on CPU, keep only the CPU kernels' layout of each quantized
+    weight and free the checkpoint tensors (about half the weight memory; see QuantLinear.compact_).
     """
     from transformers import AutoConfig
 
@@ -290,8 +293,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     model.wq_quant = {"scheme": meta.get("scheme") or str(next(iter(schemes.values()))),
                       "algo": meta.get("algo", "unknown"), "algo_args": (meta.get("recipe") or {}),
                       "layers": {n: str(s) for n, s in schemes.items()}, "report": meta.get("report")}
-    model.eval()
-    return model.to(device or "cpu")
+    model.eval().to(device or "cpu")
+    if compact:
+        done, kept = compact_layers(model)
+        log.info("compact: %d quantized layers keep only the CPU kernel layout, %d unchanged", done, kept)
+    return model
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedWeight]:

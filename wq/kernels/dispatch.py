@@ -129,16 +129,27 @@ def _rank(pw: PackedWeight, m: int, device: str, dtype: torch.dtype) -> Kernel:
     return KERNELS.get("reference")
 
 
+def prepared(kernel: Kernel, pw: PackedWeight, cache: dict | None) -> Any:
+    """The kernel's repacked copy of pw (None when the kernel needs none); `cache` keeps one per layout."""
+    if kernel.prepare is None:
+        return None
+    if cache is None:
+        return kernel.prepare(pw)
+    key = kernel.layout or kernel.name
+    if key not in cache:  # prepare may return None (the layer then runs on the reference): once
+        cache[key] = kernel.prepare(pw)
+    return cache[key]
+
+
 def matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None, cache: dict | None = None) -> Tensor:
     """y = x @ dequant(W)^T (+ bias) with the selected kernel; `cache` keeps repacked weights per kernel."""
     kernel = select(x, pw)
-    state = None
-    if kernel.prepare is not None:
-        if cache is None:
-            state = kernel.prepare(pw)
-        else:
-            key = kernel.layout or kernel.name
-            if key not in cache:  # prepare may return None (the layer then runs on the reference): once
-                cache[key] = kernel.prepare(pw)
-            state = cache[key]
-    return kernel.fn(x, pw, bias, state)
+    return kernel.fn(x, pw, bias, prepared(kernel, pw, cache))
+
+
+def plan(x: Tensor, pw: PackedWeight, cache: dict | None = None) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """matmul with the kernel choice and its prepared weights bound once: `run(x, bias)` for calls
+    shaped like x (same device, dtype and M). What QuantLinear keeps per call shape in eager inference."""
+    kernel = select(x, pw)
+    fn, state = kernel.fn, prepared(kernel, pw, cache)
+    return lambda x, bias: fn(x, pw, bias, state)

@@ -81,14 +81,21 @@ def _backward(ctx, grad):
 dequant_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
-def quant_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None) -> Tensor:
-    """The PackedWeight front door of the op (what QuantLinear.forward calls).
+def eager(x: Tensor, bias: Tensor | None) -> bool:
+    """True for plain eager inference: no compile, no gradient wanted. The dispatcher is then called
+    directly: the custom-op machinery costs more than a small CPU decode GEMV itself (docs/cpu.md)."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
-    Eager inference (no compile, no gradient wanted) calls the dispatcher directly: the custom-op
-    machinery costs more than a small CPU decode GEMV itself (docs/cpu.md measures it).
-    """
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+
+def eager_plan(x: Tensor, pw: PackedWeight):
+    """dispatch.plan with the per-weight layout cache: `run(x, bias)` for calls shaped like x."""
+    return dispatch.plan(x, pw, _state_cache(pw.qweight, pw.scales, pw.zeros))
+
+
+def quant_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """The PackedWeight front door of the op (eager inference goes straight to the dispatcher)."""
+    if eager(x, bias):
         return dispatch.matmul(x, pw, bias, _state_cache(pw.qweight, pw.scales, pw.zeros))
     s = pw.scheme
     return torch.ops.wq.dequant_matmul(x, pw.qweight, pw.scales, pw.zeros, pw.g_idx, bias, s.bits,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fp8 import FP8_DTYPES, Fp8Weight, fp8_reference_matmul
-from ..kernels import ops
+from ..kernels import dispatch, ops
 from ..packing import PackedWeight, packed_size
 from ..scheme import QuantScheme
 
@@ -55,6 +55,9 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight | Fp8Weight:
+        compact = self.__dict__.get("_compact")
+        if compact is not None:  # rebuilt exactly from the CPU layout (see compact_)
+            return compact.to_packed(self._shell())
         if self.scheme.is_fp8:
             return Fp8Weight(weight=self.weight, scale=self.weight_scale, scheme=self.scheme,
                              in_features=self.in_features, out_features=self.out_features)
@@ -64,12 +67,94 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.scheme.is_fp8:  # FP8: the reference kernel (dequantize, F.linear) on any device
             return fp8_reference_matmul(x, self.packed, self.bias)
-        return ops.quant_matmul(x, self.packed, self.bias)  # torch.ops.wq.dequant_matmul -> dispatch
+        b = self._buffers  # plain dict reads: this runs once per layer per decoded token
+        bias = b["bias"]
+        compact = self.__dict__.get("_compact")
+        if compact is not None:
+            return self._compact_forward(x, bias, compact)
+        if not ops.eager(x, bias):
+            return ops.quant_matmul(x, self.packed, bias)  # torch.ops.wq.dequant_matmul -> dispatch
+        # eager inference: the kernel choice and its repacked weights are bound once per call shape
+        # (a decode step runs every layer at the same M), keyed so that a forced kernel, new buffers or
+        # in-place edits (load_state_dict) make a new plan
+        qw = b["qweight"]
+        key = (x.device, x.dtype, x.numel() // x.shape[-1] if x.numel() else 1, dispatch.forced_kernel(), id(qw),
+               qw._version, b["scales"]._version, b["zeros"]._version)
+        plans = self.__dict__.setdefault("_plans", {})
+        run = plans.get(key)
+        if run is None:
+            if len(plans) >= 64:  # many prefill lengths: start over rather than grow
+                plans.clear()
+            run = plans[key] = ops.eager_plan(x, self.packed)
+        return run(x, bias)
+
+    # ---- compact CPU inference: keep the CPU kernels' layout only ----
+
+    def compact_(self) -> bool:
+        """Keep only wq's CPU kernel layout of the weight and free the checkpoint tensors (qweight, scales,
+        zeros become shape-only meta tensors): about half the memory of a layer that ran on CPU. Every
+        CPU call then runs on that layout; `packed`, state_dict() and save() rebuild the exact checkpoint
+        tensors on demand, and moving the module off the CPU or loading a state dict undoes it.
+        Returns False (and changes nothing) where the CPU kernel cannot hold this layer."""
+        from ..kernels import cpu_native
+
+        if self.__dict__.get("_compact") is not None:
+            return True
+        if self.scheme.is_fp8 or self.qweight.device.type != "cpu" or not cpu_native.available():
+            return False
+        state = cpu_native.prepare_native(self.packed)
+        if state is None:
+            return False
+        for k in ("qweight", "scales", "zeros"):
+            t = self._buffers[k]
+            self._buffers[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        self.__dict__["_compact"] = state
+        self.__dict__.pop("_plans", None)
+        return True
+
+    def uncompact_(self) -> None:
+        """Give the module its checkpoint tensors back (the inverse of compact_)."""
+        state = self.__dict__.pop("_compact", None)
+        if state is not None:
+            pw = state.to_packed(self._shell())
+            self._buffers.update(qweight=pw.qweight, scales=pw.scales, zeros=pw.zeros)
+
+    def _shell(self) -> PackedWeight:
+        return PackedWeight(qweight=self.qweight, scales=self.scales, zeros=self.zeros, scheme=self.scheme,
+                            in_features=self.in_features, out_features=self.out_features, g_idx=self.g_idx)
+
+    def _compact_forward(self, x: Tensor, bias: Tensor | None, state) -> Tensor:
+        shell = self._shell()  # meta tensors: scheme and shapes for dispatch
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            kernel = dispatch.select(x, shell)
+            if kernel.layout == "cpu_avx2":
+                return kernel.fn(x, shell, bias, state)
+        # another kernel was forced or chosen (or compile/autograd): rebuild the checkpoint tensors for
+        # this call only (slow, exact)
+        return ops.quant_matmul(x, self.packed, bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        compact = self.__dict__.get("_compact")
+        if compact is not None:
+            pw = compact.to_packed(self._shell())
+            destination.update({prefix + "qweight": pw.qweight, prefix + "scales": pw.scales,
+                                prefix + "zeros": pw.zeros})
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.uncompact_()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):  # deepcopy / pickle: plans bind this module's tensors, never copy them
+        state = self.__dict__.copy()
+        state.pop("_plans", None)
+        return state
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not recast the stored format: fp16 scales (int schemes; a bf16 copy
         # would lose 3 mantissa bits and break reload equality), float8 weights and fp32 scales (FP8).
         # They only follow the device; the bias follows dtype and device as usual.
+        self.uncompact_()  # the compact layout is CPU-only: moving or casting starts from the checkpoint tensors
         names = ("weight", "weight_scale") if self.scheme.is_fp8 else ("scales",)
         keep = {k: self._buffers.pop(k) for k in names if self._buffers.get(k) is not None}
         try:
@@ -81,3 +166,15 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+def compact(model: nn.Module) -> tuple[int, int]:
+    """QuantLinear.compact_ on every quantized layer of a CPU model: (layers compacted, layers kept as is)."""
+    done = kept = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if m.compact_():
+                done += 1
+            else:
+                kept += 1
+    return done, kept

@@ -12,6 +12,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
+#include <cstring>
+
 namespace {
 
 inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
@@ -117,7 +120,184 @@ void run(const float* x, int64_t M, int64_t kp, const float* xsum, int64_t ng, c
   });
 }
 
+
+// ---- int8-activation path (llama.cpp-style): x quantized per segment to int8, u8 x s8 dot products ----
+//
+// Codes are expanded to 32 unsigned bytes per block (same weight layouts as above) and multiplied
+// with the int8 activations by _mm256_maddubs_epi16 (32 multiply-adds per instruction into int16
+// pairs), summed to int32 with _mm256_madd_epi16. 8-bit codes do not fit maddubs' int16 pairs
+// unsigned (255 * 127 * 2 > 32767), so they are offset to q - 128 and use the sign trick
+// |w| * sign(x, w). Per segment of XB input channels x has one scale sx = amax / 127:
+//   y = sum_seg sx_seg * s_g(seg) * (q . xq)_seg - sum_g (z_g - off) * s_g * xsum_g,
+//   xsum_g = sum over the group's segments of sx_seg * sum(xq_seg)   (off = 128 for 8-bit, else 0)
+// which is exactly dequant(W) . x~ with x~ = sx * xq, the int8-rounded activations.
+
+// One block of 32 codes as 32 unsigned bytes (lane 0: codes 0-15, lane 1: codes 16-31).
+template <int BITS>
+inline __m256i codes32(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256((const __m256i*)p);
+  } else if constexpr (BITS == 4) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)p);  // byte j: code j | code j+16 << 4
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  } else {
+    // byte j (j < 8): code j | code j+8 << 2 | code j+16 << 4 | code j+24 << 6: qword t shifted by 2t
+    const __m256i v = _mm256_set1_epi64x(*(const int64_t*)p);
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(0x03));
+    if constexpr (BITS == 3) {
+      uint32_t plane;
+      std::memcpy(&plane, p + 8, 4);  // bit j: bit 2 of code j
+      const __m256i pb = _mm256_shuffle_epi8(
+          _mm256_set1_epi32((int)plane),
+          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+                           3, 3));
+      const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8,
+                                           16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+      const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(pb, bit), bit);
+      c = _mm256_or_si256(c, _mm256_and_si256(hit, _mm256_set1_epi8(4)));
+    }
+    return c;
+  }
+}
+
+// int16 pair sums of one block: codes (u8) x activations (s8)
+template <int BITS>
+inline __m256i dot16(__m256i w, __m256i xq) {
+  if constexpr (BITS == 8) {
+    const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));  // q - 128 as int8
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xq, ws));
+  } else {
+    return _mm256_maddubs_epi16(w, xq);
+  }
+}
+
+// blocks whose int16 pair sums can be added before widening: 4 * 2 * 15 * 127 < 32767; 8-bit: 1
+constexpr int flush_every(int bits) { return bits == 8 ? 1 : 4; }
+
+struct I8Args {
+  const int8_t* xq; const float* sx; const float* xsum; int64_t kp, nseg, ng, xb;
+  const uint8_t* w; int64_t row_bytes; const float* scales; const float* zs; int64_t group; float off;
+  float* y; int64_t N;
+};
+
+template <int BITS, int MT>
+void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int BB = block_bytes(BITS);
+  constexpr int FL = flush_every(BITS);
+  const int64_t n_blocks = a.kp / 32, bps = a.xb / 32, segs_per_group = a.group / a.xb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * a.row_bytes;
+    const float* sr = a.scales + n * a.ng;
+    __m256 facc[MT];
+    for (int m = 0; m < MT; ++m) facc[m] = _mm256_setzero_ps();
+    for (int64_t seg = 0; seg < a.nseg; ++seg) {
+      const int64_t b0 = seg * bps, b1 = std::min(b0 + bps, n_blocks);
+      __m256i acc32[MT];
+      for (int m = 0; m < MT; ++m) acc32[m] = _mm256_setzero_si256();
+      for (int64_t bc = b0; bc < b1; bc += FL) {
+        __m256i acc16[MT];
+        for (int m = 0; m < MT; ++m) acc16[m] = _mm256_setzero_si256();
+        const int64_t be = std::min(bc + FL, b1);
+        for (int64_t b = bc; b < be; ++b) {
+          const __m256i wv = codes32<BITS>(wr + b * BB);
+          for (int m = 0; m < MT; ++m) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + (m0 + m) * a.kp + b * 32));
+            acc16[m] = _mm256_add_epi16(acc16[m], dot16<BITS>(wv, xv));
+          }
+        }
+        for (int m = 0; m < MT; ++m) acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(acc16[m], ones));
+      }
+      const float sw = sr[seg / segs_per_group];
+      for (int m = 0; m < MT; ++m)
+        facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[m]), _mm256_set1_ps(sw * a.sx[(m0 + m) * a.nseg + seg]),
+                                  facc[m]);
+    }
+    const float* zr = a.zs + n * a.ng;
+    for (int m = 0; m < MT; ++m) {
+      float zt = 0.f;
+      const float* xs = a.xsum + (m0 + m) * a.ng;
+      for (int64_t g = 0; g < a.ng; ++g) zt += (zr[g] - a.off * sr[g]) * xs[g];
+      a.y[(m0 + m) * a.N + n] = hsum(facc[m]) - zt;
+    }
+  }
+}
+
+template <int BITS>
+void run_i8(const I8Args& a, int64_t M) {
+  at::parallel_for(0, a.N, 16, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_i8<BITS, 4>(a, m, n0, n1);
+    for (; m + 2 <= M; m += 2) rows_i8<BITS, 2>(a, m, n0, n1);
+    for (; m < M; ++m) rows_i8<BITS, 1>(a, m, n0, n1);
+  });
+}
+
+// the largest segment in {128, 96, 64, 32} that divides the group (x gets one int8 scale per segment)
+inline int64_t segment_for(int64_t group) {
+  for (int64_t s : {128, 96, 64, 32})
+    if (group % s == 0) return s;
+  return 32;
+}
+
 }  // namespace
+
+// Same arguments as gemv; activations are rounded to int8 per segment inside (see above).
+torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
+                      int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, Kp]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8");
+  TORCH_CHECK(scales.is_contiguous() && zs.is_contiguous() && scales.dtype() == torch::kFloat32, "scales: fp32");
+  const int64_t M = x.size(0), kp = x.size(1), N = w.size(0), ng = scales.size(1);
+  TORCH_CHECK(kp % 32 == 0 && group % 32 == 0, "Kp and group must be multiples of 32");
+  TORCH_CHECK(w.size(1) == kp / 32 * block_bytes((int)bits), "w row bytes do not match Kp and bits");
+  TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
+  const int64_t xb = segment_for(group), nseg = (kp + xb - 1) / xb;
+  auto xq_t = torch::empty({M, kp}, x.options().dtype(torch::kInt8));
+  auto sx_t = torch::empty({M, nseg}, x.options());
+  auto xsum_t = torch::zeros({M, ng}, x.options());
+  {
+    const float* xr = x.data_ptr<float>();
+    int8_t* xq = xq_t.data_ptr<int8_t>();
+    float* sx = sx_t.data_ptr<float>();
+    float* xs = xsum_t.data_ptr<float>();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t k0 = s * xb, k1 = std::min(kp, k0 + xb);
+        const float* xp = xr + m * kp;
+        __m256 mx = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xp + k), absmask));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t isum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t q = (int32_t)std::nearbyint(xp[k] * inv);
+          const int32_t c = q > 127 ? 127 : (q < -127 ? -127 : q);
+          xq[m * kp + k] = (int8_t)c;
+          isum += c;
+        }
+        sx[m * nseg + s] = scale;
+        xs[m * ng + k0 / group] += scale * (float)isum;
+      }
+  }
+  auto y = torch::empty({M, N}, x.options());
+  I8Args a{xq_t.data_ptr<int8_t>(), sx_t.data_ptr<float>(), xsum_t.data_ptr<float>(), kp, nseg, ng, xb,
+           w.data_ptr<uint8_t>(), w.size(1), scales.data_ptr<float>(), zs.data_ptr<float>(), group,
+           bits == 8 ? 128.f : 0.f, y.data_ptr<float>(), N};
+  switch (bits) {
+    case 2: run_i8<2>(a, M); break;
+    case 3: run_i8<3>(a, M); break;
+    case 4: run_i8<4>(a, M); break;
+    case 8: run_i8<8>(a, M); break;
+    default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
+  }
+  return y;
+}
 
 // x: fp32 [M, Kp] (Kp % 32 == 0, zero padded); w: uint8 [N, Kp / 32 * block_bytes];
 // scales, zs: fp32 [N, n_groups] (zs = zero * scale); group % 32 == 0. Returns fp32 [M, N].
@@ -160,4 +340,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "packed low-bit GEMV/GEMM (AVX2)"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "packed low-bit GEMV/GEMM (AVX2, fp32 activations)");
+  m.def("gemv_i8", &gemv_i8, "packed low-bit GEMV/GEMM (AVX2, int8-rounded activations)");
+}
