@@ -171,14 +171,48 @@ def native_i8_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     return _run(x, pw, bias, state, "gemv_i8")
 
 
-# Where each path wins, measured (docs/cpu.md, scripts/bench_cpu.py, 1 thread, 2-core AVX2 host): the
-# int8-activation kernel beats the fp32 one, aten's int4/int8 ops and dense fp32/bf16 from decode up to
-# prefill-sized M at 2/3/4 bits; the fp32 kernel (exact activations) stays available by name.
-KERNELS.add("cpu_avx2_i8", Kernel(
-    name="cpu_avx2_i8", fn=native_i8_matmul, prepare=prepare_native, bits=frozenset({2, 3, 4, 8}),
-    devices=frozenset({"cpu"}), priority=25, available=available, layout="cpu_avx2",
-))
-KERNELS.add("cpu_avx2", Kernel(
-    name="cpu_avx2", fn=native_matmul, prepare=prepare_native, bits=frozenset({2, 3, 4, 8}),
-    devices=frozenset({"cpu"}), max_m=64, priority=20, available=available, layout="cpu_avx2",
-))
+DQ_TILE_BYTES = 8 << 20  # fp32 tile of dequantized rows per GEMM call: bounded extra memory, stays in cache
+
+
+def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None) -> Tensor:
+    """Large M: dequantize a tile of rows to fp32 (AVX2) and multiply it with torch's fp32 GEMM, tile by
+    tile (at most DQ_TILE_BYTES of fp32 weights alive). The reference's math up to summation order."""
+    if state is None:
+        return reference_matmul(x, pw, bias)
+    xs = x.reshape(-1, pw.in_features)
+    if xs.dtype != torch.float32:
+        xs = xs.float()
+    if state.perm is not None:
+        xs = xs.index_select(1, state.perm)
+    if state.k_pad:
+        xs = F.pad(xs, (0, state.k_pad))
+    n, kp = pw.out_features, xs.shape[1]
+    rows = max(16, DQ_TILE_BYTES // (4 * kp))
+    yt = torch.empty(n, xs.shape[0], dtype=torch.float32)  # y^T: each tile writes contiguous rows
+    ext = extension()
+    xt = xs.t()
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        tile = ext.dequant_rows(state.w, state.scales, state.zs, pw.scheme.bits, state.group, n0, n1)  # [n1-n0, Kp]
+        torch.mm(tile, xt, out=yt[n0:n1])
+    y = yt.t()
+    if bias is not None:
+        y += bias.float()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# Where each path wins, measured (docs/cpu.md "each kernel forced"; scripts/bench_cpu.py, 1 thread, 2-core
+# AVX2 host), as data: (bits, min M, max M). The int8-activation kernel wins from decode to mid-size
+# prefill; the fp32 kernel only for 8-bit decode (its sign trick makes 8-bit int8 dot products dearer);
+# above, dequantizing tiles into torch's fp32 GEMM. aten's int4/int8 ops lose to these at every M here.
+I8_M = ((2, 1, 128), (3, 1, 128), (4, 1, 128), (8, 2, 32))
+F32_M = ((8, 1, 1),)
+DQ_M = ((2, 129, None), (3, 129, None), (4, 129, None), (8, 33, None))
+
+_native = dict(prepare=prepare_native, bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cpu"}), available=available,
+               layout="cpu_avx2")
+KERNELS.add("cpu_avx2_i8", Kernel(name="cpu_avx2_i8", fn=native_i8_matmul, m_by_bits=I8_M, priority=25, **_native))
+KERNELS.add("cpu_avx2", Kernel(name="cpu_avx2", fn=native_matmul, m_by_bits=F32_M, priority=20, **_native))
+KERNELS.add("cpu_avx2_dq", Kernel(name="cpu_avx2_dq", fn=native_dq_matmul, m_by_bits=DQ_M, priority=15, **_native))

@@ -44,9 +44,17 @@ class Kernel:
     layout: str | None = None  # kernels naming the same layout share one prepared copy (default: own name)
     needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
     fmts: frozenset[str] | None = frozenset({"int"})  # weight formats (QuantScheme.fmt); FP8 is "e4m3"/"e5m2"
+    # (bits, min_m, max_m or None) where automatic dispatch picks this kernel, measured per bit width;
+    # when given it replaces min_m/max_m (bits missing from it: only when forced)
+    m_by_bits: tuple[tuple[int, int, int | None], ...] | None = None
 
-    def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int) -> str | None:
-        """None if this kernel can run the call, else the reason it cannot."""
+    def m_range(self, bits: int) -> tuple[int, int | None] | None:
+        if self.m_by_bits is None:
+            return self.min_m, self.max_m
+        return next(((lo, hi) for b, lo, hi in self.m_by_bits if b == bits), None)
+
+    def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int, *, any_m: bool = False) -> str | None:
+        """None if this kernel can run the call, else the reason it cannot (any_m: ignore M ranges)."""
         s = pw.scheme
         if self.fmts is not None and s.fmt not in self.fmts:
             return f"{s.fmt} weights unsupported"
@@ -60,8 +68,12 @@ class Kernel:
             return f"group {s.group_size} unsupported"
         if self.sym is not None and s.sym != self.sym:
             return "asymmetric unsupported" if self.sym else "symmetric unsupported"
-        if m < self.min_m or (self.max_m is not None and m > self.max_m):
-            return f"M={m} outside [{self.min_m}, {self.max_m}]"
+        rng = self.m_range(s.bits)
+        if not any_m:
+            if rng is None:
+                return f"not picked for {s.bits}-bit (only when forced)"
+            if m < rng[0] or (rng[1] is not None and m > rng[1]):
+                return f"M={m} outside [{rng[0]}, {rng[1]}]"
         if self.needs_g_idx_free and pw.g_idx is not None:
             return "act-order g_idx unsupported"
         if not self.available():
@@ -100,7 +112,7 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
     name = forced_kernel()
     if name:
         kernel = KERNELS.get(name)
-        reason = kernel.why_not(device, dtype, pw, m)
+        reason = kernel.why_not(device, dtype, pw, m, any_m=True)  # forcing overrides the measured M ranges
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel

@@ -340,7 +340,45 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch
   return y;
 }
 
+
+// Rows [n0, n1) of dequant(W) as fp32 [n1 - n0, Kp]: for large M, where an fp32 GEMM on a dequantized
+// tile beats unpacking per row of x. Same layouts and scales as gemv.
+torch::Tensor dequant_rows(torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits, int64_t group,
+                           int64_t n0, int64_t n1) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8");
+  TORCH_CHECK(scales.is_contiguous() && zs.is_contiguous() && scales.dtype() == torch::kFloat32, "scales: fp32");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.size(0), "row range out of bounds");
+  const int64_t rb = w.size(1), kp = rb / block_bytes((int)bits) * 32, ng = scales.size(1);
+  TORCH_CHECK(group % 32 == 0 && ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
+  auto out = torch::empty({n1 - n0, kp}, scales.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t bpg = group / 32;
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      const uint8_t* wr = wp + n * rb;
+      float* orow = op + (n - n0) * kp;
+      for (int64_t blk = 0; blk < kp / 32; ++blk) {
+        const int64_t g = blk / bpg;
+        const __m256 s = _mm256_set1_ps(sp[n * ng + g]), z = _mm256_set1_ps(zp[n * ng + g]);
+        __m256 v[4];
+        switch (bits) {
+          case 2: decode32<2>(wr + blk * 8, v); break;
+          case 3: decode32<3>(wr + blk * 12, v); break;
+          case 4: decode32<4>(wr + blk * 16, v); break;
+          default: decode32<8>(wr + blk * 32, v); break;
+        }
+        for (int t = 0; t < 4; ++t) _mm256_storeu_ps(orow + blk * 32 + 8 * t, _mm256_fmsub_ps(v[t], s, z));
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "packed low-bit GEMV/GEMM (AVX2, fp32 activations)");
   m.def("gemv_i8", &gemv_i8, "packed low-bit GEMV/GEMM (AVX2, int8-rounded activations)");
+  m.def("dequant_rows", &dequant_rows, "rows of the dequantized weight, fp32 (AVX2)");
 }
