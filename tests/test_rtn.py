@@ -27,8 +27,28 @@ def test_error_ordering_on_real_weights(real_weights):
 
 def test_asym_beats_sym_at_low_bits_and_mse_search_helps(real_weights):
     w = real_weights[1]
-    assert _error(w, "W2G128-asym") < _error(w, "W2G128-sym")
+    assert _error(w, "W3G128-asym") < _error(w, "W3G128-sym")
     assert _error(w, "W3G128", mse=True) < _error(w, "W3G128")
+
+
+@pytest.mark.parametrize("scheme", ["W4G128", "W4G-1", "W8"])
+def test_sym_scale_uses_the_full_lower_half(real_weights, scheme):
+    """Groups whose extreme is negative get scale = amax / 2^(b-1) (code 0 lands on -amax exactly); on
+    real weights that beats the classic 2 * amax / maxq everywhere it applies."""
+    s = QuantScheme.parse(scheme)
+    for w in real_weights:
+        scale, zero = P.minmax_qparams(w, s)
+        g = P.group_view(w, s.group_for(w.shape[1]))
+        wmin, wmax = g.amin(2).clamp(max=0), g.amax(2).clamp(min=0)
+        amax = torch.maximum(-wmin, wmax)
+        neg = -wmin >= wmax
+        assert neg.any() and (~neg).any()
+        torch.testing.assert_close(scale[neg], P.round_scale(amax / 2 ** (s.bits - 1))[neg])
+        torch.testing.assert_close(scale[~neg], P.round_scale(2 * amax / s.maxq)[~neg])
+        classic = P.round_scale(2 * amax / s.maxq)
+        err = (P.fake_quantize(w, scale, zero, s) - w).pow(2).sum()
+        err_classic = (P.fake_quantize(w, classic, zero, s) - w).pow(2).sum()
+        assert err < err_classic * (0.97 if s.bits == 4 else 1.0), (float(err), float(err_classic))
 
 
 def test_rtn_codes_are_nearest():

@@ -4,7 +4,9 @@ Conventions (shared by every algorithm, format and kernel):
     codes q in [0, maxq], maxq = 2**bits - 1
     w ~= (q - zero) * scale            per group of `group_size` consecutive input channels
     asymmetric: range [min(w,0), max(w,0)] -> scale = (max - min) / maxq, zero = round(-min / scale)
-    symmetric:  zero = 2**(bits-1) (fixed midpoint), scale = 2 * amax / maxq
+    symmetric:  zero = 2**(bits-1) (fixed midpoint), codes -half..half-1 around it (half = 2**(bits-1));
+                scale = amax / half when the negative side holds amax (it takes the whole lower half,
+                nothing clipped), else 2 * amax / maxq (the positive extreme lands half a step past the top)
 Scales are rounded to fp16 (the storage dtype of every format) *before* codes are chosen, so the
 codes are optimal for the scales that get saved and a reload is bit-identical.
 """
@@ -59,12 +61,19 @@ def _qparams_from_range(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tupl
     maxq = scheme.maxq
     if scheme.sym:
         amax = torch.maximum(wmin.abs(), wmax)
-        scale = round_scale(2 * amax / maxq)
+        scale = round_scale(amax * sym_scale_factor(wmin, wmax, scheme))
         zero = torch.full_like(scale, float(2 ** (scheme.bits - 1)))
     else:
         scale = round_scale((wmax - wmin) / maxq)
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def sym_scale_factor(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> Tensor:
+    """Symmetric scale = amax * factor: 1 / half where the group's extreme is negative (the grid's lower
+    half reaches -half * scale = -amax exactly), else 2 / maxq. wmin <= 0 <= wmax, any shape."""
+    half = 2 ** (scheme.bits - 1)
+    return torch.where(wmin.abs() >= wmax, 1.0 / half, 2.0 / scheme.maxq).to(wmax.dtype)
 
 
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:

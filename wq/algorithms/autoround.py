@@ -5,7 +5,7 @@ For every Linear of a block we learn
     alpha  [out, n_groups, 1]  multiplier of the group's max (asym) / absmax (sym) in [min_range, 1]
     beta   [out, n_groups, 1]  multiplier of the group's min (asym only)          in [min_range, 1]
 so that the fake-quantized weights
-    s = (alpha*max - beta*min) / maxq, z = round(-beta*min / s)          (sym: s = 2*alpha*absmax / maxq)
+    s = (alpha*max - beta*min) / maxq, z = round(-beta*min / s)  (sym: s = alpha*absmax*factor, see primitives)
     w_hat = (clamp(round(W/s + V) + z, 0, maxq) - z) * s
 make the block's output match the unquantized block's output (`targets`) in mean squared error.
 round() passes gradients straight through; the update is signed gradient descent,
@@ -87,6 +87,7 @@ class _Target:
     v: Tensor  # [out, ng, G] rounding offsets, requires grad
     alpha: Tensor | None  # [out, ng, 1] range multipliers, require grad (None: no range learning)
     beta: Tensor | None
+    sym_factor: Tensor | None = None  # [out, ng, 1] sym scale = alpha * absmax * factor (P.sym_scale_factor)
 
     @classmethod
     def make(cls, name: str, weight: Tensor, scheme: QuantScheme, learn_range: bool) -> _Target:
@@ -94,12 +95,14 @@ class _Target:
         wg = P.group_view(w, scheme.group_for(w.shape[1]))
         wmin = wg.amin(dim=2, keepdim=True).clamp(max=0)
         wmax = wg.amax(dim=2, keepdim=True).clamp(min=0)
+        factor = None
         if scheme.sym:
+            factor = P.sym_scale_factor(wmin, wmax, scheme)
             wmax = torch.maximum(wmin.abs(), wmax)
         ones = torch.ones_like(wmax)
         alpha = ones.clone().requires_grad_(True) if learn_range else None
         beta = ones.clone().requires_grad_(True) if learn_range and not scheme.sym else None
-        return cls(name, scheme, w, wg, wmax, wmin, torch.zeros_like(wg, requires_grad=True), alpha, beta)
+        return cls(name, scheme, w, wg, wmax, wmin, torch.zeros_like(wg, requires_grad=True), alpha, beta, factor)
 
     def params(self) -> list[Tensor]:
         return [p for p in (self.v, self.alpha, self.beta) if p is not None]
@@ -109,7 +112,7 @@ class _Target:
         maxq = self.scheme.maxq
         hi = self.wmax if self.alpha is None else self.wmax * self.alpha
         if self.scheme.sym:
-            s = _ste_fp16(2 * hi / maxq)
+            s = _ste_fp16(hi * self.sym_factor)
             return s, torch.full_like(s, float(2 ** (self.scheme.bits - 1)))
         lo = self.wmin if self.beta is None else self.wmin * self.beta
         s = _ste_fp16((hi - lo) / maxq)
