@@ -45,7 +45,7 @@ SHAPES = {  # (out, in)
     "llama1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],
 }
 SCHEMES = ["W4G128", "W3G128", "W2G128", "W8", "W4G-1"]
-CPU_KERNELS = ["cpu_avx2_i8", "cpu_avx2", "aten_int4", "aten_int8"]
+CPU_KERNELS = ["cpu_avx2_i8", "cpu_avx2", "cpu_avx2_dq", "aten_int4", "aten_int8"]
 
 
 def random_packed(out_f: int, in_f: int, scheme: str, seed: int = 0) -> PackedWeight:
@@ -145,6 +145,61 @@ def bench_layers(args) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def bench_cold(args) -> list[dict]:
+    """Per-layer time with weights that come from DRAM, as in a real decode (every layer's weights are
+    read once per token and a model's weights do not fit the last-level cache): each candidate cycles
+    through enough copies of its weights that one cycle exceeds --rotate-mb. Dense fp32/bf16 F.linear vs
+    each scheme through QuantLinear (automatic dispatch), interleaved, median of --reps ratios."""
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n, k in SHAPES["llama1b"]:
+            def copies(nbytes: int) -> int:
+                return max(2, min(256, -(-args.rotate_mb * 2**20 // nbytes)))
+
+            w32 = [torch.randn(n, k) * 0.02 for _ in range(copies(n * k * 4))]
+            w16 = [w.bfloat16() for w in w32[: copies(n * k * 2)]]
+            w16 += [torch.randn(n, k).bfloat16() * 0.02 for _ in range(copies(n * k * 2) - len(w16))]
+            layers = {}
+            for s in args.schemes:
+                pw = random_packed(n, k, s)
+                nb = pw.qweight.numel() * 4 + pw.scales.numel() * 2
+                layers[s] = [QuantLinear.from_packed(PackedWeight(
+                    qweight=pw.qweight.clone(), scales=pw.scales.clone(), zeros=pw.zeros.clone(), scheme=pw.scheme,
+                    in_features=k, out_features=n)) for _ in range(copies(nb))]
+                if args.compact:
+                    for ql in layers[s]:
+                        ql.compact_()
+            for m in args.m:
+                x32 = torch.randn(m, k)
+                x16 = x32.bfloat16()
+
+                def cycle(fns):
+                    it = [0]
+
+                    def call():
+                        it[0] = (it[0] + 1) % len(fns)
+                        return fns[it[0]]()
+                    return call
+
+                cands = {"fp32": cycle([partial(F.linear, x32, w) for w in w32]),
+                         "bf16": cycle([partial(F.linear, x16, w) for w in w16])}
+                for s, qls in layers.items():
+                    cands[s] = cycle([partial(ql, x32) for ql in qls])
+                    for ql in qls:
+                        ql(x32)  # prepare every copy's layout before timing
+                res = interleaved(cands, args.reps)
+                auto = {s: select(x32, layers[s][0]._shell() if args.compact else layers[s][0].packed).name
+                        for s in layers}
+                rows.append({"threads": threads, "family": "llama1b", "shape": f"{n}x{k}", "m": m, "auto": auto,
+                             "results": {(f"{s}/auto" if s in layers else s): v for s, v in res.items()},
+                             "copies": {"fp32": len(w32), "bf16": len(w16), **{s: len(v) for s, v in layers.items()}}})
+                print(f"cold t={threads} {n}x{k} M={m} fp32 {res['fp32']['ms']:.2f}ms bf16 {res['bf16']['ms']:.2f}ms | "
+                      + " ".join(f"{s}:{res[s]['x_dense']:.2f}x" for s in layers), flush=True)
+    return rows
+
+
 def module_bytes(model) -> int:
     """Bytes of parameters and buffers (meta tensors of compacted layers excluded) plus every repacked
     kernel layout the layers hold (the per-weight cache of the op, or a compacted layer's own layout)."""
@@ -191,7 +246,7 @@ def bench_decode(args) -> list[dict]:
     for s in args.decode_schemes:
         q = copy.deepcopy(base)
         wq.quantize_model(q, s, progress=False)
-        models[s] = q
+        models[s] = q.to(getattr(torch, args.quant_dtype))  # dense parts (embeddings, lm_head, norms)
     out.append(_decode_run("smollm2-135m (real, RTN)", models, ids, args))
     del models, base
     # Llama-1B-shaped random model
@@ -203,6 +258,7 @@ def bench_decode(args) -> list[dict]:
     for s in args.decode_schemes:
         q = LlamaForCausalLM(cfg).eval()
         swap_random(q, s)
+        q.to(getattr(torch, args.quant_dtype))
         models[s] = q
     ids = torch.randint(0, args.llama_vocab, (1, ids.shape[1]))
     name = f"llama1b-shaped (random, {args.llama_layers} layers, vocab {args.llama_vocab})"
@@ -330,10 +386,11 @@ def to_markdown(result: dict) -> str:
             out.append(f"| {r['threads']} | {r['shape']} | {r['m']} | {res['fp32']['ms']:.2f} | {res['bf16']['ms']:.2f} | "
                        + " | ".join(cells) + " |")
         kern = sorted({k.split("/", 1)[1] for r in rows for k in r["results"] if "/" in k and not k.endswith("/auto")})
-        out.append("\nEach kernel forced, x the faster dense (`-`: cannot run or not timed at that M):\n")
-        out.append("| threads | layer | M | scheme | " + " | ".join(kern) + " |")
-        out.append("|" + "---|" * (4 + len(kern)))
-        for r in rows:
+        if kern:  # the cold part times the automatic choice only
+            out.append("\nEach kernel forced, x the faster dense (`-`: cannot run or not timed at that M):\n")
+            out.append("| threads | layer | M | scheme | " + " | ".join(kern) + " |")
+            out.append("|" + "---|" * (4 + len(kern)))
+        for r in rows if kern else []:
             for s in schemes:
                 cells = [f"{r['results'][f'{s}/{k}']['x_dense']:.2f}x" if f"{s}/{k}" in r["results"] else "-"
                          for k in kern]
@@ -360,7 +417,8 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["layers", "decode", "rss", "rss-one", "all"], default="all")
+    p.add_argument("--part", choices=["layers", "cold", "decode", "rss", "rss-one", "all"], default="all")
+    p.add_argument("--rotate-mb", type=int, default=256, help="(cold) bytes one cycle of weight copies spans")
     p.add_argument("--rss-variant", default="W4G128", help="(rss-one) fp32, bf16 or a scheme")
     p.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                    help="quantized models keep only the CPU kernel layout (QuantLinear.compact_)")
@@ -374,6 +432,8 @@ def main(argv=None) -> None:
     p.add_argument("--peer-max-m", type=int, default=16)
     p.add_argument("--decode-schemes", nargs="+", default=["W4G128", "W3G128", "W2G128", "W8"])
     p.add_argument("--decode-threads", type=int, default=2)
+    p.add_argument("--quant-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="(decode) dtype of the quantized models' dense parts, as wq.load gives by default (bf16)")
     p.add_argument("--decode-reps", type=int, default=3)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--llama-layers", type=int, default=4)
@@ -393,6 +453,8 @@ def main(argv=None) -> None:
     result = {"argv": sys.argv, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if args.part in ("layers", "all"):
         result["layers"] = bench_layers(args)
+    if args.part == "cold":
+        result["layers"] = bench_cold(args)
     if args.part in ("decode", "all"):
         result["decode"] = bench_decode(args)
     if args.part in ("rss", "all"):

@@ -180,7 +180,7 @@ def test_bf16_activations_round_trip_dtype():
 
 
 @pytest.mark.parametrize(("scheme", "m", "expected"), [
-    ("W4G128", 1, "cpu_avx2_i8"), ("W2G128", 64, "cpu_avx2_i8"), ("W3G128", 1, "cpu_avx2_i8"),
+    ("W4G128", 1, "cpu_avx2_i8"), ("W2G128", 32, "cpu_avx2_i8"), ("W2G128", 64, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
     ("W3G128", 256, "cpu_avx2_dq"), ("W4G-1", 512, "cpu_avx2_dq"), ("W8", 1, "cpu_avx2"), ("W8", 4, "cpu_avx2_i8"),
     ("W8", 64, "cpu_avx2_dq"), ("W8G128", 300, "cpu_avx2_dq"),
 ])

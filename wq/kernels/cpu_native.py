@@ -141,22 +141,33 @@ def prepare_native(pw: PackedWeight) -> NativeState | None:
                        pw.zeros.cpu().t().contiguous())
 
 
-def _run(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None, fn_name: str) -> Tensor:
-    if state is None:
-        return reference_matmul(x, pw, bias)
-    xs = x.reshape(-1, pw.in_features)  # [M, K]
+def _kernel_input(x: Tensor, k: int, state: NativeState) -> Tensor:
+    """x [..., K] -> fp32 [M, Kp] in the layout's channel order (act-order permuted, zero padded)."""
+    xs = x.reshape(-1, k)
     if xs.dtype != torch.float32:
         xs = xs.float()
     if state.perm is not None:
         xs = xs.index_select(1, state.perm)
     if state.k_pad:
         xs = F.pad(xs, (0, state.k_pad))
-    y = getattr(extension(), fn_name)(xs.contiguous(), state.w, state.scales, state.zs, pw.scheme.bits, state.group)
+    return xs.contiguous()
+
+
+def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """fp32 [M, N] -> x's dtype and leading shape, bias added."""
     if bias is not None:
         y = y + bias.float()
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], pw.out_features)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _run(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None, fn_name: str) -> Tensor:
+    if state is None:
+        return reference_matmul(x, pw, bias)
+    xs = _kernel_input(x, pw.in_features, state)
+    y = getattr(extension(), fn_name)(xs, state.w, state.scales, state.zs, pw.scheme.bits, state.group)
+    return _finish(y, x, bias, pw.out_features)
 
 
 def native_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None) -> Tensor:
@@ -179,13 +190,7 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     tile (at most DQ_TILE_BYTES of fp32 weights alive). The reference's math up to summation order."""
     if state is None:
         return reference_matmul(x, pw, bias)
-    xs = x.reshape(-1, pw.in_features)
-    if xs.dtype != torch.float32:
-        xs = xs.float()
-    if state.perm is not None:
-        xs = xs.index_select(1, state.perm)
-    if state.k_pad:
-        xs = F.pad(xs, (0, state.k_pad))
+    xs = _kernel_input(x, pw.in_features, state)
     n, kp = pw.out_features, xs.shape[1]
     rows = max(16, DQ_TILE_BYTES // (4 * kp))
     yt = torch.empty(n, xs.shape[0], dtype=torch.float32)  # y^T: each tile writes contiguous rows
@@ -195,21 +200,18 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
         n1 = min(n, n0 + rows)
         tile = ext.dequant_rows(state.w, state.scales, state.zs, pw.scheme.bits, state.group, n0, n1)  # [n1-n0, Kp]
         torch.mm(tile, xt, out=yt[n0:n1])
-    y = yt.t()
-    if bias is not None:
-        y += bias.float()
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return _finish(yt.t(), x, bias, n)
 
 
 # Where each path wins, measured (docs/cpu.md "each kernel forced"; scripts/bench_cpu.py, 1 thread, 2-core
 # AVX2 host), as data: (bits, min M, max M). The int8-activation kernel wins from decode to mid-size
 # prefill; the fp32 kernel only for 8-bit decode (its sign trick makes 8-bit int8 dot products dearer);
 # above, dequantizing tiles into torch's fp32 GEMM. aten's int4/int8 ops lose to these at every M here.
-I8_M = ((2, 1, 128), (3, 1, 128), (4, 1, 128), (8, 2, 32))
+# At M = 64 the int8 kernel still wins on 1 thread (1.1-1.4x dense on the 1B shapes) but loses on 2
+# (0.65-0.8x) where the fp32 GEMM scales better, so the hand-over sits at 32 for every width.
+I8_M = ((2, 1, 32), (3, 1, 32), (4, 1, 32), (8, 2, 32))
 F32_M = ((8, 1, 1),)
-DQ_M = ((2, 129, None), (3, 129, None), (4, 129, None), (8, 33, None))
+DQ_M = ((2, 33, None), (3, 33, None), (4, 33, None), (8, 33, None))
 
 _native = dict(prepare=prepare_native, bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cpu"}), available=available,
                layout="cpu_avx2")

@@ -241,18 +241,25 @@ inline int64_t segment_for(int64_t group) {
   return 32;
 }
 
+// The argument contract shared by gemv and gemv_i8 (see gemv's comment).
+inline void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                       const torch::Tensor& zs, int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, Kp]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8");
+  TORCH_CHECK(scales.is_contiguous() && zs.is_contiguous() && scales.dtype() == torch::kFloat32, "scales: fp32");
+  const int64_t kp = x.size(1), ng = scales.size(1);
+  TORCH_CHECK(kp % 32 == 0 && group % 32 == 0, "Kp and group must be multiples of 32");
+  TORCH_CHECK(w.size(1) == kp / 32 * block_bytes((int)bits), "w row bytes do not match Kp and bits");
+  TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
+}
+
 }  // namespace
 
 // Same arguments as gemv; activations are rounded to int8 per segment inside (see above).
 torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
                       int64_t group) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, Kp]");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8");
-  TORCH_CHECK(scales.is_contiguous() && zs.is_contiguous() && scales.dtype() == torch::kFloat32, "scales: fp32");
+  check_args(x, w, scales, zs, bits, group);
   const int64_t M = x.size(0), kp = x.size(1), N = w.size(0), ng = scales.size(1);
-  TORCH_CHECK(kp % 32 == 0 && group % 32 == 0, "Kp and group must be multiples of 32");
-  TORCH_CHECK(w.size(1) == kp / 32 * block_bytes((int)bits), "w row bytes do not match Kp and bits");
-  TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
   const int64_t xb = segment_for(group), nseg = (kp + xb - 1) / xb;
   auto xq_t = torch::empty({M, kp}, x.options().dtype(torch::kInt8));
   auto sx_t = torch::empty({M, nseg}, x.options());
@@ -303,13 +310,8 @@ torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, to
 // scales, zs: fp32 [N, n_groups] (zs = zero * scale); group % 32 == 0. Returns fp32 [M, N].
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
                    int64_t group) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, Kp]");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8");
-  TORCH_CHECK(scales.is_contiguous() && zs.is_contiguous() && scales.dtype() == torch::kFloat32, "scales: fp32");
+  check_args(x, w, scales, zs, bits, group);
   const int64_t M = x.size(0), kp = x.size(1), N = w.size(0), ng = scales.size(1);
-  TORCH_CHECK(kp % 32 == 0 && group % 32 == 0, "Kp and group must be multiples of 32");
-  TORCH_CHECK(w.size(1) == kp / 32 * block_bytes((int)bits), "w row bytes do not match Kp and bits");
-  TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
   auto xsum = torch::empty({M, ng}, x.options());  // [M, n_groups]: sum of x over each group
   {
     const float* xr = x.data_ptr<float>();
