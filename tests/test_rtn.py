@@ -25,16 +25,16 @@ def test_error_ordering_on_real_weights(real_weights):
         assert e["W8G-1"] < 0.02 and e["W2G128"] < 1.0
 
 
-def test_asym_beats_sym_at_low_bits_and_mse_search_helps(real_weights):
+def test_mse_search_helps(real_weights):
     w = real_weights[1]
-    assert _error(w, "W3G128-asym") < _error(w, "W3G128-sym")
     assert _error(w, "W3G128", mse=True) < _error(w, "W3G128")
+    assert _error(w, "W4G128", mse=True) < _error(w, "W4G128")
 
 
 @pytest.mark.parametrize("scheme", ["W4G128", "W4G-1", "W8"])
 def test_sym_scale_uses_the_full_lower_half(real_weights, scheme):
-    """Groups whose extreme is negative get scale = amax / 2^(b-1) (code 0 lands on -amax exactly); on
-    real weights that beats the classic 2 * amax / maxq everywhere it applies."""
+    """Full-range symmetric scales: +-amax / 2^(b-1), signed so that the group's extreme lands on code 0
+    exactly; on real weights that beats the classic 2 * amax / maxq."""
     s = QuantScheme.parse(scheme)
     for w in real_weights:
         scale, zero = P.minmax_qparams(w, s)
@@ -44,11 +44,14 @@ def test_sym_scale_uses_the_full_lower_half(real_weights, scheme):
         neg = -wmin >= wmax
         assert neg.any() and (~neg).any()
         torch.testing.assert_close(scale[neg], P.round_scale(amax / 2 ** (s.bits - 1))[neg])
-        torch.testing.assert_close(scale[~neg], P.round_scale(2 * amax / s.maxq)[~neg])
+        torch.testing.assert_close(scale[~neg], P.round_scale(-amax / 2 ** (s.bits - 1))[~neg])
+        codes = P.quantize(w, scale, zero, s)  # the extreme of every group sits on code 0
+        extreme = torch.where(neg, g.argmin(2), g.argmax(2))  # [out, ng]
+        assert (P.group_view(codes.float(), s.group_for(w.shape[1])).gather(2, extreme[..., None]) == 0).all()
         classic = P.round_scale(2 * amax / s.maxq)
         err = (P.fake_quantize(w, scale, zero, s) - w).pow(2).sum()
         err_classic = (P.fake_quantize(w, classic, zero, s) - w).pow(2).sum()
-        assert err < err_classic * (0.97 if s.bits == 4 else 1.0), (float(err), float(err_classic))
+        assert err < err_classic * (0.95 if s.bits == 4 else 1.0), (float(err), float(err_classic))
 
 
 def test_rtn_codes_are_nearest():

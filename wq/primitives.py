@@ -4,9 +4,10 @@ Conventions (shared by every algorithm, format and kernel):
     codes q in [0, maxq], maxq = 2**bits - 1
     w ~= (q - zero) * scale            per group of `group_size` consecutive input channels
     asymmetric: range [min(w,0), max(w,0)] -> scale = (max - min) / maxq, zero = round(-min / scale)
-    symmetric:  zero = 2**(bits-1) (fixed midpoint), codes -half..half-1 around it (half = 2**(bits-1));
-                scale = amax / half when the negative side holds amax (it takes the whole lower half,
-                nothing clipped), else 2 * amax / maxq (the positive extreme lands half a step past the top)
+    symmetric:  zero = 2**(bits-1) (fixed midpoint), codes -half..half-1 around it (half = 2**(bits-1)),
+                scale = +-amax / half ("full range"): the sign puts the group's extreme on code 0 (-half),
+                so the extreme is exact and the other side can use half-1 steps; a negative scale
+                is valid in every format (w = (q - zero) * scale is all any reader computes)
 Scales are rounded to fp16 (the storage dtype of every format) *before* codes are chosen, so the
 codes are optimal for the scales that get saved and a reload is bit-identical.
 """
@@ -38,8 +39,9 @@ def expand_groups(t: Tensor, group: int, in_features: int) -> Tensor:
 
 
 def round_scale(scale: Tensor) -> Tensor:
-    """Clamp and round scales to their storage dtype, returned in fp32."""
-    return scale.clamp(min=MIN_SCALE).to(SCALE_DTYPE).float()
+    """Scale rounded to its fp16 storage value; magnitudes below MIN_SCALE raised to it, sign kept."""
+    mag = scale.abs().clamp(min=MIN_SCALE)
+    return torch.where(scale < 0, -mag, mag).to(SCALE_DTYPE).float()
 
 
 def minmax_qparams(
@@ -70,10 +72,10 @@ def _qparams_from_range(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> tupl
 
 
 def sym_scale_factor(wmin: Tensor, wmax: Tensor, scheme: QuantScheme) -> Tensor:
-    """Symmetric scale = amax * factor: 1 / half where the group's extreme is negative (the grid's lower
-    half reaches -half * scale = -amax exactly), else 2 / maxq. wmin <= 0 <= wmax, any shape."""
+    """Symmetric scale = amax * factor, factor = +1/half where the group's extreme is negative and -1/half
+    where it is positive: either way (w / scale) reaches -half, code 0, at the extreme. wmin <= 0 <= wmax."""
     half = 2 ** (scheme.bits - 1)
-    return torch.where(wmin.abs() >= wmax, 1.0 / half, 2.0 / scheme.maxq).to(wmax.dtype)
+    return torch.where(wmin.abs() >= wmax, 1.0 / half, -1.0 / half).to(wmax.dtype)
 
 
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
