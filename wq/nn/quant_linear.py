@@ -69,10 +69,7 @@ class QuantLinear(nn.Module):
             return fp8_reference_matmul(x, self.packed, self.bias)
         b = self._buffers  # plain dict reads: this runs once per layer per decoded token
         bias = b["bias"]
-        compact = self.__dict__.get("_compact")
-        if compact is not None:
-            return self._compact_forward(x, bias, compact)
-        if not ops.eager(x, bias):
+        if not ops.eager(x, bias):  # compile / autograd: the custom op (a compact layer rebuilds its tensors)
             return ops.quant_matmul(x, self.packed, bias)  # torch.ops.wq.dequant_matmul -> dispatch
         # eager inference: the kernel choice and its repacked weights are bound once per call shape
         # (a decode step runs every layer at the same M), keyed so that a forced kernel, new buffers or
@@ -85,7 +82,8 @@ class QuantLinear(nn.Module):
         if run is None:
             if len(plans) >= 64:  # many prefill lengths: start over rather than grow
                 plans.clear()
-            run = plans[key] = ops.eager_plan(x, self.packed)
+            compact = self.__dict__.get("_compact")
+            run = plans[key] = ops.eager_plan(x, self.packed) if compact is None else self._compact_plan(x, compact)
         return run(x, bias)
 
     # ---- compact CPU inference: keep the CPU kernels' layout only ----
@@ -109,13 +107,14 @@ class QuantLinear(nn.Module):
             t = self._buffers[k]
             self._buffers[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         self.__dict__["_compact"] = state
-        self.__dict__.pop("_plans", None)
+        self.__dict__.pop("_plans", None)  # plans bound the checkpoint tensors
         return True
 
     def uncompact_(self) -> None:
         """Give the module its checkpoint tensors back (the inverse of compact_)."""
         state = self.__dict__.pop("_compact", None)
         if state is not None:
+            self.__dict__.pop("_plans", None)
             pw = state.to_packed(self._shell())
             self._buffers.update(qweight=pw.qweight, scales=pw.scales, zeros=pw.zeros)
 
@@ -123,15 +122,16 @@ class QuantLinear(nn.Module):
         return PackedWeight(qweight=self.qweight, scales=self.scales, zeros=self.zeros, scheme=self.scheme,
                             in_features=self.in_features, out_features=self.out_features, g_idx=self.g_idx)
 
-    def _compact_forward(self, x: Tensor, bias: Tensor | None, state) -> Tensor:
+    def _compact_plan(self, x: Tensor, state):
+        """run(x, bias) for a compact layer: the CPU layout when dispatch picks a kernel that reads it,
+        else (another kernel forced, or not on CPU) the checkpoint tensors rebuilt per call (slow, exact)."""
         shell = self._shell()  # meta tensors: scheme and shapes for dispatch
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu":
             kernel = dispatch.select(x, shell)
             if kernel.layout == "cpu_avx2":
-                return kernel.fn(x, shell, bias, state)
-        # another kernel was forced or chosen (or compile/autograd): rebuild the checkpoint tensors for
-        # this call only (slow, exact)
-        return ops.quant_matmul(x, self.packed, bias)
+                fn = kernel.fn
+                return lambda x, bias: fn(x, shell, bias, state)
+        return lambda x, bias: ops.quant_matmul(x, self.packed, bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
