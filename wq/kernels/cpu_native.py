@@ -46,8 +46,10 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
 
-            _ext = load(name="wq_cpu_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
-                        verbose=False)
+            # -fopenmp: at::parallel_for is an OpenMP region compiled into the extension itself; without
+            # the flag its pragma is ignored and every kernel runs on one thread whatever torch's setting
+            _ext = load(name="wq_cpu_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # compiler missing or failing: the kernel is unavailable, said once
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
     if _failed is not None:
