@@ -1,0 +1,37 @@
+"""python -m wq.generate on a quantized checkpoint: compact CPU layers, tokens/s printed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import wq
+import wq.io
+from wq import generate
+from wq.nn import QuantLinear
+
+pytestmark = pytest.mark.kernels  # the CPU kernels, as a user gets them
+
+
+def test_generate_runs_compact_checkpoint(tmp_path, real_tokenizer, capsys, monkeypatch):
+    model = make_tiny_llama(vocab=len(real_tokenizer))
+    wq.quantize_model(model, "W4G32", progress=False)
+    wq.save(model, tmp_path / "q", tokenizer=real_tokenizer)
+    loaded = []
+    real_load = wq.io.load
+
+    def spy(*a, **kw):  # generate imports wq.io.load when it runs
+        loaded.append(real_load(*a, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(wq.io, "load", spy)
+    med = generate.main([str(tmp_path / "q"), "--baseline", "none", "--tokens", "3", "--reps", "1", "--prompt", "Hi"])
+    (name, tps), = med.items()
+    assert name.startswith("W4G32") and tps > 0
+    assert "tokens/s" in capsys.readouterr().out
+    qls = [m for m in loaded[0].modules() if isinstance(m, QuantLinear)]
+    assert qls and all(m.qweight.is_meta for m in qls)  # compact: only the kernel layout is kept
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(loaded[0](ids).logits, real_load(tmp_path / "q")(ids).logits)
