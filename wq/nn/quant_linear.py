@@ -80,8 +80,8 @@ class QuantLinear(nn.Module):
         plans = self.__dict__.setdefault("_plans", {})
         run = plans.get(key)
         if run is None:
-            if len(plans) >= 64:  # many prefill lengths: start over rather than grow
-                plans.clear()
+            if len(plans) >= 64 or any(k[4:] != key[4:] for k in plans):
+                plans.clear()  # many prefill lengths, or the buffers changed: old plans hold old tensors
             compact = self.__dict__.get("_compact")
             run = plans[key] = ops.eager_plan(x, self.packed) if compact is None else self._compact_plan(x, compact)
         return run(x, bias)
