@@ -92,7 +92,7 @@ class QuantLinear(nn.Module):
         """Keep only wq's CPU kernel layout of the weight and free the checkpoint tensors (qweight, scales,
         zeros become shape-only meta tensors): about half the memory of a layer that ran on CPU. Every
         CPU call then runs on that layout; `packed`, state_dict() and save() rebuild the exact checkpoint
-        tensors on demand, and moving the module off the CPU or loading a state dict undoes it.
+        tensors on demand, and any .to() / dtype cast or loading a state dict undoes it.
         Returns False (and changes nothing) where the CPU kernel cannot hold this layer."""
         from ..kernels import cpu_native
 
