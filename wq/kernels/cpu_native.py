@@ -1,4 +1,6 @@
-"""`cpu_avx2`: wq's own AVX2 GEMV / small-GEMM for 2/3/4/8-bit weights (C++ torch extension).
+"""wq's own AVX2 kernels for 2/3/4/8-bit weights (C++ torch extension), three ways over one layout:
+`cpu_avx2_i8` (int8-rounded activations, integer dot products: decode), `cpu_avx2` (fp32 activations
+and FMA) and `cpu_avx2_dq` (dequantized fp32 tiles + torch's GEMM: prefill).
 
 The extension (csrc/cpu_gemv.cpp) is compiled with the machine's compiler on first use and cached
 by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); when it cannot build, the
@@ -7,7 +9,7 @@ kernels or the reference. `WQ_NO_NATIVE=1` skips the build.
 
 Weights are repacked once per layer at their real width (4-bit nibbles interleaved, 2-bit crumbs,
 3-bit as a 2-bit plane plus a 1-bit plane, 8-bit bytes; see the .cpp for the exact byte layout),
-activations are fp32, accumulation is fp32, rows of W are split over torch's intra-op threads.
+rows of W are split over torch's intra-op threads (the extension is built with OpenMP for that).
 """
 
 from __future__ import annotations
