@@ -48,6 +48,14 @@ def test_native_extension_builds():
     assert cpu_native.available(), "cpu_avx2 extension did not build: see the warning logged above"
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_rows_round_trip(bits):
+    q = torch.randint(0, 2**bits, (5, 13 * 32), generator=torch.Generator().manual_seed(bits))
+    w = cpu_native.pack_rows(q, bits)
+    assert w.dtype == torch.uint8 and w.shape == (5, 13 * {2: 8, 3: 12, 4: 16, 8: 32}[bits])
+    assert torch.equal(cpu_native.unpack_rows(w, bits), q)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES_LOW + SCHEMES_8 + ["W8G64", "W3G256"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -179,9 +187,36 @@ def test_bf16_activations_round_trip_dtype():
         assert rel_err(y, reference_matmul(x.float(), pw)) < 1e-2
 
 
+@pytest.mark.parametrize("name", ["cpu_avx2", "cpu_avx2_i8"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_quant_linear_bound_run_equals_kernel(name, compact):
+    """QuantLinear's bound closure (bias, bf16, [B, T, K] input, act-order) gives the kernel function's
+    own result, bit for bit, on the checkpoint tensors and on a compact layer."""
+    from wq.nn import QuantLinear
+
+    pw = random_packed(40, 576, "W3G64-sym", seed=4, act_order=True)
+    bias = torch.randn(40)
+    ql = QuantLinear.from_packed(pw, bias=bias)
+    if compact:
+        assert ql.compact_()
+    state = KERNELS.get(name).prepare(pw)
+    for x in (torch.randn(2, 3, 576), torch.randn(1, 576, dtype=torch.bfloat16)):
+        force_kernel(name)
+        try:
+            with torch.no_grad():
+                y = ql(x)
+        finally:
+            force_kernel(None)
+        want = KERNELS.get(name).fn(x.reshape(-1, 576), pw, bias, state).reshape(*x.shape[:-1], 40)
+        assert y.shape == (*x.shape[:-1], 40) and y.dtype == x.dtype
+        assert torch.equal(y, want)
+
+
 @pytest.mark.parametrize(("scheme", "m", "expected"), [
-    ("W4G128", 1, "cpu_avx2_i8"), ("W2G128", 32, "cpu_avx2_i8"), ("W2G128", 64, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
-    ("W3G128", 256, "cpu_avx2_dq"), ("W4G-1", 512, "cpu_avx2_dq"), ("W8", 1, "cpu_avx2"), ("W8", 4, "cpu_avx2_i8"),
+    ("W4G128", 1, "cpu_avx2_i8"), ("W4G128", 256, "cpu_avx2_i8"), ("W4G128", 257, "cpu_avx2_dq"),
+    ("W2G128", 256, "cpu_avx2_i8"), ("W2G128", 300, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
+    ("W3G128", 64, "cpu_avx2_i8"), ("W3G128", 65, "cpu_avx2_dq"), ("W4G-1", 512, "cpu_avx2_dq"), ("W8", 1, "cpu_avx2"),
+    ("W8", 4, "cpu_avx2_i8"),
     ("W8", 64, "cpu_avx2_dq"), ("W8G128", 300, "cpu_avx2_dq"),
 ])
 def test_dispatch_on_cpu(scheme, m, expected):

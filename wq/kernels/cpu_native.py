@@ -167,11 +167,7 @@ def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
 
 
 def _run(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None, fn_name: str) -> Tensor:
-    if state is None:
-        return reference_matmul(x, pw, bias)
-    xs = _kernel_input(x, pw.in_features, state)
-    y = getattr(extension(), fn_name)(xs, state.w, state.scales, state.zs, pw.scheme.bits, state.group)
-    return _finish(y, x, bias, pw.out_features)
+    return _bind_gemv(fn_name)(pw, state)(x, bias)
 
 
 def native_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None) -> Tensor:
@@ -184,6 +180,22 @@ def native_i8_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     llama.cpp's Q8 activations), integer dot products, fp32 scaling: ~4x fewer instructions per
     weight than the fp32 kernel. Equals the reference applied to the int8-rounded activations."""
     return _run(x, pw, bias, state, "gemv_i8")
+
+
+def _bind_gemv(fn_name: str):
+    """bind(pw, state) for gemv / gemv_i8: run(x, bias) with the layer's constants bound once. A decode
+    step calls every layer once per token, and on small layers (SmolLM2's 192x576: ~10 us dense) every
+    tensor op issued from Python costs a visible share, so the extension takes x as it comes ([..., K],
+    any float dtype) and does the cast, act-order permutation, padding, bias and output shape itself."""
+
+    def bind(pw: PackedWeight, state: NativeState | None):
+        if state is None:
+            return lambda x, bias: reference_matmul(x, pw, bias)
+        fn = getattr(extension(), fn_name)
+        args = (state.w, state.scales, state.zs, pw.scheme.bits, state.group, pw.in_features + state.k_pad, state.perm)
+        return lambda x, bias: fn(x, *args, bias)
+
+    return bind
 
 
 DQ_TILE_BYTES = 8 << 20  # fp32 tile of dequantized rows per GEMM call: bounded extra memory, stays in cache
@@ -207,18 +219,21 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     return _finish(yt.t(), x, bias, n)
 
 
-# Where each path wins, measured (docs/cpu.md "each kernel forced"; scripts/bench_cpu.py, 1 thread, 2-core
-# AVX2 host), as data: (bits, min M, max M). The int8-activation kernel wins from decode to mid-size
-# prefill; the fp32 kernel only for 8-bit decode (its sign trick makes 8-bit int8 dot products dearer);
-# above, dequantizing tiles into torch's fp32 GEMM. aten's int4/int8 ops lose to these at every M here.
-# At M = 64 the int8 kernel still wins on 1 thread (1.1-1.4x dense on the 1B shapes) but loses on 2
-# (0.65-0.8x) where the fp32 GEMM scales better, so the hand-over sits at 32 for every width.
-I8_M = ((2, 1, 32), (3, 1, 32), (4, 1, 32), (8, 2, 32))
+# Where each path wins, measured (docs/cpu.md; scripts/bench_cpu.py --part layers, 1 and 2 threads, the
+# 1B shapes, each kernel forced beside the automatic choice), as data: (bits, min M, max M). The
+# int8-activation kernel wins from decode through prefill chunks of 256 rows at 2 and 4 bits (at M = 256
+# it matches or beats the dequantize + fp32 GEMM route on 15 of 16 shape/thread cells), through 64 at
+# 3 bits (its bit-plane expansion costs more; at 128 the GEMM route wins on 1 thread) and through 32 at
+# 8 bits (sign trick; not measured above). The fp32 kernel only for 8-bit decode. Above: dequantized tiles
+# into torch's fp32 GEMM (exact). aten's int4/int8 ops lose to these at every M here.
+I8_M = ((2, 1, 256), (3, 1, 64), (4, 1, 256), (8, 2, 32))
 F32_M = ((8, 1, 1),)
-DQ_M = ((2, 33, None), (3, 33, None), (4, 33, None), (8, 33, None))
+DQ_M = ((2, 257, None), (3, 65, None), (4, 257, None), (8, 33, None))
 
 _native = dict(prepare=prepare_native, bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cpu"}), available=available,
                layout="cpu_avx2")
-KERNELS.add("cpu_avx2_i8", Kernel(name="cpu_avx2_i8", fn=native_i8_matmul, m_by_bits=I8_M, priority=25, **_native))
-KERNELS.add("cpu_avx2", Kernel(name="cpu_avx2", fn=native_matmul, m_by_bits=F32_M, priority=20, **_native))
+KERNELS.add("cpu_avx2_i8", Kernel(name="cpu_avx2_i8", fn=native_i8_matmul, m_by_bits=I8_M, priority=25,
+                                  bind=_bind_gemv("gemv_i8"), **_native))
+KERNELS.add("cpu_avx2", Kernel(name="cpu_avx2", fn=native_matmul, m_by_bits=F32_M, priority=20,
+                               bind=_bind_gemv("gemv"), **_native))
 KERNELS.add("cpu_avx2_dq", Kernel(name="cpu_avx2_dq", fn=native_dq_matmul, m_by_bits=DQ_M, priority=15, **_native))

@@ -47,6 +47,15 @@ class Kernel:
     # (bits, min_m, max_m or None) where automatic dispatch picks this kernel, measured per bit width;
     # when given it replaces min_m/max_m (bits missing from it: only when forced)
     m_by_bits: tuple[tuple[int, int, int | None], ...] | None = None
+    # bind(pw, state) -> run(x, bias): a closure with everything per layer resolved once, for kernels whose
+    # per-call Python work matters next to the kernel (CPU decode); default: fn with pw and state bound
+    bind: Callable[[PackedWeight, Any], Callable[[Tensor, Tensor | None], Tensor]] | None = None
+
+    def bound(self, pw: PackedWeight, state: Any) -> Callable[[Tensor, Tensor | None], Tensor]:
+        if self.bind is not None:
+            return self.bind(pw, state)
+        fn = self.fn
+        return lambda x, bias: fn(x, pw, bias, state)
 
     def m_range(self, bits: int) -> tuple[int, int | None] | None:
         if self.m_by_bits is None:
@@ -101,8 +110,18 @@ def force_kernel(name: str | None) -> None:
     _forced = name
 
 
+# os.environ.get costs ~1 us (key encoding); QuantLinear asks once per call, so read the mapping
+# os.environ keeps in sync (bytes keys on POSIX) where there is one
+_environ_bytes = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
 def forced_kernel() -> str | None:
-    return _forced or os.environ.get("WQ_KERNEL") or None
+    if _forced:
+        return _forced
+    if _environ_bytes is not None:
+        v = _environ_bytes.get(b"WQ_KERNEL")
+        return v.decode() if v else None
+    return os.environ.get("WQ_KERNEL") or None
 
 
 def select(x: Tensor, pw: PackedWeight) -> Kernel:
@@ -163,5 +182,4 @@ def plan(x: Tensor, pw: PackedWeight, cache: dict | None = None) -> Callable[[Te
     """matmul with the kernel choice and its prepared weights bound once: `run(x, bias)` for calls
     shaped like x (same device, dtype and M). What QuantLinear keeps per call shape in eager inference."""
     kernel = select(x, pw)
-    fn, state = kernel.fn, prepared(kernel, pw, cache)
-    return lambda x, bias: fn(x, pw, bias, state)
+    return kernel.bound(pw, prepared(kernel, pw, cache))

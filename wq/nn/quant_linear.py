@@ -129,8 +129,7 @@ class QuantLinear(nn.Module):
         if x.device.type == "cpu":
             kernel = dispatch.select(x, shell)
             if kernel.layout == "cpu_avx2":
-                fn = kernel.fn
-                return lambda x, bias: fn(x, shell, bias, state)
+                return kernel.bound(shell, state)
         return lambda x, bias: ops.quant_matmul(x, self.packed, bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -187,29 +187,39 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int FL = flush_every(BITS);
   const int64_t n_blocks = a.kp / 32, bps = a.xb / 32, segs_per_group = a.group / a.xb;
   const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = a.xq + (m0 + m) * a.kp;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = a.w + n * a.row_bytes;
     const float* sr = a.scales + n * a.ng;
     __m256 facc[MT];
     for (int m = 0; m < MT; ++m) facc[m] = _mm256_setzero_ps();
+    int64_t b = 0, g = 0, seg_in_group = 0;  // counters, not divisions: this loop runs per 4 blocks
     for (int64_t seg = 0; seg < a.nseg; ++seg) {
-      const int64_t b0 = seg * bps, b1 = std::min(b0 + bps, n_blocks);
+      const int64_t b1 = std::min(b + bps, n_blocks);
       __m256i acc32[MT];
       for (int m = 0; m < MT; ++m) acc32[m] = _mm256_setzero_si256();
-      for (int64_t bc = b0; bc < b1; bc += FL) {
+      while (b < b1) {
         __m256i acc16[MT];
         for (int m = 0; m < MT; ++m) acc16[m] = _mm256_setzero_si256();
-        const int64_t be = std::min(bc + FL, b1);
-        for (int64_t b = bc; b < be; ++b) {
+        auto step = [&]() {
           const __m256i wv = codes32<BITS>(wr + b * BB);
-          for (int m = 0; m < MT; ++m) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + (m0 + m) * a.kp + b * 32));
-            acc16[m] = _mm256_add_epi16(acc16[m], dot16<BITS>(wv, xv));
-          }
+          for (int m = 0; m < MT; ++m)
+            acc16[m] = _mm256_add_epi16(acc16[m], dot16<BITS>(wv, _mm256_loadu_si256((const __m256i*)(xr[m] + b * 32))));
+          ++b;
+        };
+        if (b + FL <= b1) {
+          for (int i = 0; i < FL; ++i) step();  // a whole flush group: fixed trip count, unrolled
+        } else {
+          while (b < b1) step();
         }
         for (int m = 0; m < MT; ++m) acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(acc16[m], ones));
       }
-      const float sw = sr[seg / segs_per_group];
+      const float sw = sr[g];
+      if (++seg_in_group == segs_per_group) {
+        seg_in_group = 0;
+        ++g;
+      }
       for (int m = 0; m < MT; ++m)
         facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[m]), _mm256_set1_ps(sw * a.sx[(m0 + m) * a.nseg + seg]),
                                   facc[m]);
@@ -218,7 +228,7 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
     for (int m = 0; m < MT; ++m) {
       float zt = 0.f;
       const float* xs = a.xsum + (m0 + m) * a.ng;
-      for (int64_t g = 0; g < a.ng; ++g) zt += (zr[g] - a.off * sr[g]) * xs[g];
+      for (int64_t gg = 0; gg < a.ng; ++gg) zt += (zr[gg] - a.off * sr[gg]) * xs[gg];
       a.y[(m0 + m) * a.N + n] = hsum(facc[m]) - zt;
     }
   }
@@ -253,11 +263,32 @@ inline void check_args(const torch::Tensor& x, const torch::Tensor& w, const tor
   TORCH_CHECK(ng == (kp + group - 1) / group, "n_groups does not match Kp / group");
 }
 
+// The whole per-call input handling in C++ (a decode step calls every layer once per token, and each
+// tensor op issued from Python costs about a microsecond): x [..., K] of any float dtype -> fp32
+// [M, Kp], act-order permuted, zero padded to Kp.
+torch::Tensor kernel_input(const torch::Tensor& x, int64_t kp, const c10::optional<torch::Tensor>& perm) {
+  auto xs = x.reshape({-1, x.size(-1)});
+  if (xs.scalar_type() != torch::kFloat32) xs = xs.to(torch::kFloat32);
+  if (perm.has_value()) xs = xs.index_select(1, *perm);
+  if (xs.size(1) < kp) xs = torch::constant_pad_nd(xs, {0, kp - xs.size(1)});
+  return xs.contiguous();
+}
+
+// fp32 [M, N] -> x's leading shape and dtype, bias added
+torch::Tensor kernel_output(torch::Tensor y, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat32));
+  auto shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  return y.view(shape);
+}
+
 }  // namespace
 
 // Same arguments as gemv; activations are rounded to int8 per segment inside (see above).
-torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
-                      int64_t group) {
+torch::Tensor gemv_i8(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
+                      int64_t group, int64_t kp_, c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> bias) {
+  const auto x = kernel_input(x_in, kp_, perm);
   check_args(x, w, scales, zs, bits, group);
   const int64_t M = x.size(0), kp = x.size(1), N = w.size(0), ng = scales.size(1);
   const int64_t xb = segment_for(group), nseg = (kp + xb - 1) / xb;
@@ -281,13 +312,24 @@ torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, to
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         const float amax = _mm_cvtss_f32(h);
         const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t isum = 0;
-        for (int64_t k = k0; k < k1; ++k) {
-          const int32_t q = (int32_t)std::nearbyint(xp[k] * inv);
-          const int32_t c = q > 127 ? 127 : (q < -127 ? -127 : q);
-          xq[m * kp + k] = (int8_t)c;
-          isum += c;
+        // round half to even (the default MXCSR mode, as nearbyint); |x * inv| <= 127 up to one ulp
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i vsum = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; k += 32) {
+          __m256i q[4];
+          for (int t = 0; t < 4; ++t) {
+            q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + k + 8 * t), vinv));
+            vsum = _mm256_add_epi32(vsum, q[t]);
+          }
+          // packs work per 128-bit lane: dwords come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] | q0[4:8] ...
+          const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+          _mm256_storeu_si256((__m256i*)(xq + m * kp + k), _mm256_permutevar8x32_epi32(b, order));
         }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        const int32_t isum = _mm_cvtsi128_si32(s4);
         sx[m * nseg + s] = scale;
         xs[m * ng + k0 / group] += scale * (float)isum;
       }
@@ -303,13 +345,15 @@ torch::Tensor gemv_i8(torch::Tensor x, torch::Tensor w, torch::Tensor scales, to
     case 8: run_i8<8>(a, M); break;
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
   }
-  return y;
+  return kernel_output(y, x_in, bias);
 }
 
-// x: fp32 [M, Kp] (Kp % 32 == 0, zero padded); w: uint8 [N, Kp / 32 * block_bytes];
-// scales, zs: fp32 [N, n_groups] (zs = zero * scale); group % 32 == 0. Returns fp32 [M, N].
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
-                   int64_t group) {
+// x: [..., K] float (K <= Kp, Kp % 32 == 0: zero padded inside; perm: act-order channel order of the
+// layout); w: uint8 [N, Kp / 32 * block_bytes]; scales, zs: fp32 [N, n_groups] (zs = zero * scale);
+// group % 32 == 0; bias [N] or None. Returns [..., N] in x's dtype.
+torch::Tensor gemv(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
+                   int64_t group, int64_t kp_, c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> bias) {
+  const auto x = kernel_input(x_in, kp_, perm);
   check_args(x, w, scales, zs, bits, group);
   const int64_t M = x.size(0), kp = x.size(1), N = w.size(0), ng = scales.size(1);
   auto xsum = torch::empty({M, ng}, x.options());  // [M, n_groups]: sum of x over each group
@@ -339,7 +383,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch
     case 8: run<8>(xp, M, kp, xs, ng, wp, rb, sp, zp, group, yp, N); break;
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
   }
-  return y;
+  return kernel_output(y, x_in, bias);
 }
 
 
@@ -362,9 +406,12 @@ torch::Tensor dequant_rows(torch::Tensor w, torch::Tensor scales, torch::Tensor 
     for (int64_t n = a; n < b; ++n) {
       const uint8_t* wr = wp + n * rb;
       float* orow = op + (n - n0) * kp;
-      for (int64_t blk = 0; blk < kp / 32; ++blk) {
-        const int64_t g = blk / bpg;
+      for (int64_t blk = 0, g = 0, in_g = 0; blk < kp / 32; ++blk) {  // g = blk / bpg, counted
         const __m256 s = _mm256_set1_ps(sp[n * ng + g]), z = _mm256_set1_ps(zp[n * ng + g]);
+        if (++in_g == bpg) {
+          in_g = 0;
+          ++g;
+        }
         __m256 v[4];
         switch (bits) {
           case 2: decode32<2>(wr + blk * 8, v); break;
