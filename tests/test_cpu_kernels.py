@@ -213,8 +213,8 @@ def test_quant_linear_bound_run_equals_kernel(name, compact):
 
 
 @pytest.mark.parametrize(("scheme", "m", "expected"), [
-    ("W4G128", 1, "cpu_avx2_i8"), ("W4G128", 256, "cpu_avx2_i8"), ("W4G128", 257, "cpu_avx2_dq"),
-    ("W2G128", 256, "cpu_avx2_i8"), ("W2G128", 300, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
+    ("W4G128", 1, "cpu_avx2_i8"), ("W4G128", 128, "cpu_avx2_i8"), ("W4G128", 129, "cpu_avx2_dq"),
+    ("W2G128", 128, "cpu_avx2_i8"), ("W2G128", 256, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
     ("W3G128", 64, "cpu_avx2_i8"), ("W3G128", 65, "cpu_avx2_dq"), ("W4G-1", 512, "cpu_avx2_dq"), ("W8", 1, "cpu_avx2"),
     ("W8", 4, "cpu_avx2_i8"),
     ("W8", 64, "cpu_avx2_dq"), ("W8G128", 300, "cpu_avx2_dq"),

@@ -220,15 +220,16 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 
 
 # Where each path wins, measured (docs/cpu.md; scripts/bench_cpu.py --part layers, 1 and 2 threads, the
-# 1B shapes, each kernel forced beside the automatic choice), as data: (bits, min M, max M). The
-# int8-activation kernel wins from decode through prefill chunks of 256 rows at 2 and 4 bits (at M = 256
-# it matches or beats the dequantize + fp32 GEMM route on 15 of 16 shape/thread cells), through 64 at
-# 3 bits (its bit-plane expansion costs more; at 128 the GEMM route wins on 1 thread) and through 32 at
-# 8 bits (sign trick; not measured above). The fp32 kernel only for 8-bit decode. Above: dequantized tiles
-# into torch's fp32 GEMM (exact). aten's int4/int8 ops lose to these at every M here.
-I8_M = ((2, 1, 256), (3, 1, 64), (4, 1, 256), (8, 2, 32))
+# 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M, max M).
+# The int8-activation kernel wins from decode through M = 128 at 2 and 4 bits on every 1B shape (1.0x-1.8x
+# dense vs 0.91x-1.37x for the GEMM route at M = 64-128); at M = 256 the two tie on the 1B shapes and the
+# int8 kernel loses on SmolLM2's K = 576 layers (0.79x-0.94x vs 0.92x-0.99x), so the GEMM route takes over
+# there. 3-bit: through 64 (its bit-plane expansion costs more; at 128 the GEMM route wins on 1 thread).
+# 8-bit: through 32 (sign trick; not measured above). The fp32 kernel only for 8-bit decode. Above:
+# dequantized tiles into torch's fp32 GEMM (exact). aten's int4/int8 ops lose to these at every M here.
+I8_M = ((2, 1, 128), (3, 1, 64), (4, 1, 128), (8, 2, 32))
 F32_M = ((8, 1, 1),)
-DQ_M = ((2, 257, None), (3, 65, None), (4, 257, None), (8, 33, None))
+DQ_M = ((2, 129, None), (3, 65, None), (4, 129, None), (8, 33, None))
 
 _native = dict(prepare=prepare_native, bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cpu"}), available=available,
                layout="cpu_avx2")
