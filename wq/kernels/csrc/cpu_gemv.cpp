@@ -172,75 +172,112 @@ inline __m256i dot16(__m256i w, __m256i xq) {
   }
 }
 
-// blocks whose int16 pair sums can be added before widening: 4 * 2 * 15 * 127 < 32767; 8-bit: 1
-constexpr int flush_every(int bits) { return bits == 8 ? 1 : 4; }
+// A segment has at most 4 blocks (XB <= 128), whose int16 pair sums add without overflow below 8 bits
+// (4 * 2 * 15 * 127 < 32767): one widening per segment. 8-bit pairs can reach 2 * 128 * 127: widened per block.
 
 struct I8Args {
-  const int8_t* xq; const float* sx; const float* xsum; int64_t kp, nseg, ng, xb;
+  const int8_t* xq; const float* sx; const float* xsum_t; int64_t M, kp, nseg, ng, xb;
   const uint8_t* w; int64_t row_bytes; const float* scales; const float* zs; int64_t group; float off;
   float* y; int64_t N;
 };
 
+// The MT sums of v[0..MT) (MT <= 4) in the low lanes of one 128-bit vector.
+template <int MT>
+inline __m128 hsum_rows(const __m256 v[MT]) {
+  __m256 h;
+  if constexpr (MT == 4) {
+    h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  } else if constexpr (MT == 2) {
+    const __m256 t = _mm256_hadd_ps(v[0], v[1]);
+    h = _mm256_hadd_ps(t, t);
+  } else {
+    const __m256 t = _mm256_hadd_ps(v[0], v[0]);
+    h = _mm256_hadd_ps(t, t);
+  }
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Rows [n0, n1) of W against MT rows of x from m0: each block of 32 codes is expanded once and used for
+// MT rows; per segment the int16 sums widen to int32 once, convert to fp32 and take the segment's
+// scale s_g * sx[m, seg] in one FMA. Registers: MT accumulators + MT fp32 sums + the block + x.
 template <int BITS, int MT>
 void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int BB = block_bytes(BITS);
-  constexpr int FL = flush_every(BITS);
   const int64_t n_blocks = a.kp / 32, bps = a.xb / 32, segs_per_group = a.group / a.xb;
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xr[MT];
-  for (int m = 0; m < MT; ++m) xr[m] = a.xq + (m0 + m) * a.kp;
+  const float* sxr[MT];
+  for (int m = 0; m < MT; ++m) {
+    xr[m] = a.xq + (m0 + m) * a.kp;
+    sxr[m] = a.sx + (m0 + m) * a.nseg;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = a.w + n * a.row_bytes;
     const float* sr = a.scales + n * a.ng;
     __m256 facc[MT];
     for (int m = 0; m < MT; ++m) facc[m] = _mm256_setzero_ps();
-    int64_t b = 0, g = 0, seg_in_group = 0;  // counters, not divisions: this loop runs per 4 blocks
+    int64_t b = 0, g = 0, seg_in_group = 0;  // counters, not divisions: this loop runs per segment
     for (int64_t seg = 0; seg < a.nseg; ++seg) {
       const int64_t b1 = std::min(b + bps, n_blocks);
-      __m256i acc32[MT];
-      for (int m = 0; m < MT; ++m) acc32[m] = _mm256_setzero_si256();
-      while (b < b1) {
-        __m256i acc16[MT];
-        for (int m = 0; m < MT; ++m) acc16[m] = _mm256_setzero_si256();
-        auto step = [&]() {
-          const __m256i wv = codes32<BITS>(wr + b * BB);
-          for (int m = 0; m < MT; ++m)
-            acc16[m] = _mm256_add_epi16(acc16[m], dot16<BITS>(wv, _mm256_loadu_si256((const __m256i*)(xr[m] + b * 32))));
-          ++b;
-        };
-        if (b + FL <= b1) {
-          for (int i = 0; i < FL; ++i) step();  // a whole flush group: fixed trip count, unrolled
-        } else {
-          while (b < b1) step();
+      __m256i acc[MT];  // int16 pair sums (8-bit: int32)
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_si256();
+      auto block = [&](int64_t bb) __attribute__((always_inline)) {
+        const __m256i wv = codes32<BITS>(wr + bb * BB);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i p = dot16<BITS>(wv, _mm256_loadu_si256((const __m256i*)(xr[m] + bb * 32)));
+          if constexpr (BITS == 8)
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(p, ones));
+          else
+            acc[m] = _mm256_add_epi16(acc[m], p);
         }
-        for (int m = 0; m < MT; ++m) acc32[m] = _mm256_add_epi32(acc32[m], _mm256_madd_epi16(acc16[m], ones));
+      };
+      if (b1 - b == 4) {  // a whole 128-channel segment: fixed trip count, unrolled (decode: 7 instructions a block)
+        block(b), block(b + 1), block(b + 2), block(b + 3);
+        b += 4;
+      } else {
+        for (; b < b1; ++b) block(b);
       }
-      const float sw = sr[g];
+      const __m256 sw = _mm256_set1_ps(sr[g]);
       if (++seg_in_group == segs_per_group) {
         seg_in_group = 0;
         ++g;
       }
-      for (int m = 0; m < MT; ++m)
-        facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[m]), _mm256_set1_ps(sw * a.sx[(m0 + m) * a.nseg + seg]),
+      for (int m = 0; m < MT; ++m) {
+        const __m256i a32 = BITS == 8 ? acc[m] : _mm256_madd_epi16(acc[m], ones);
+        facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a32), _mm256_mul_ps(sw, _mm256_broadcast_ss(sxr[m] + seg)),
                                   facc[m]);
+      }
     }
+    // zero-point term for the MT rows at once: xsum_t is [n_groups, M], so rows m0.. of a group are adjacent
     const float* zr = a.zs + n * a.ng;
-    for (int m = 0; m < MT; ++m) {
-      float zt = 0.f;
-      const float* xs = a.xsum + (m0 + m) * a.ng;
-      for (int64_t gg = 0; gg < a.ng; ++gg) zt += (zr[gg] - a.off * sr[gg]) * xs[gg];
-      a.y[(m0 + m) * a.N + n] = hsum(facc[m]) - zt;
+    __m128 zt = _mm_setzero_ps();
+    for (int64_t gg = 0; gg < a.ng; ++gg) {
+      const __m128 c = _mm_set1_ps(zr[gg] - a.off * sr[gg]);
+      const float* xs = a.xsum_t + gg * a.M + m0;
+      __m128 xv;
+      if constexpr (MT == 4) xv = _mm_loadu_ps(xs);
+      else if constexpr (MT == 2) xv = _mm_castpd_ps(_mm_load_sd((const double*)xs));
+      else xv = _mm_load_ss(xs);
+      zt = _mm_fmadd_ps(c, xv, zt);
     }
+    alignas(16) float out[4];
+    _mm_store_ps(out, _mm_sub_ps(hsum_rows<MT>(facc), zt));
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = out[m];
   }
 }
 
 template <int BITS>
 void run_i8(const I8Args& a, int64_t M) {
-  at::parallel_for(0, a.N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_i8<BITS, 4>(a, m, n0, n1);
-    for (; m + 2 <= M; m += 2) rows_i8<BITS, 2>(a, m, n0, n1);
-    for (; m < M; ++m) rows_i8<BITS, 1>(a, m, n0, n1);
+  // Rows of W in chunks that stay in L2 while every row of x passes over them (M > 4 re-reads W M / 4 times)
+  const int64_t chunk = std::max<int64_t>(16, (int64_t)(96 << 10) / std::max<int64_t>(1, a.row_bytes));
+  at::parallel_for(0, a.N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += chunk) {
+      const int64_t n1 = std::min(r1, n0 + chunk);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_i8<BITS, 4>(a, m, n0, n1);
+      for (; m + 2 <= M; m += 2) rows_i8<BITS, 2>(a, m, n0, n1);
+      for (; m < M; ++m) rows_i8<BITS, 1>(a, m, n0, n1);
+    }
   });
 }
 
@@ -294,7 +331,7 @@ torch::Tensor gemv_i8(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales,
   const int64_t xb = segment_for(group), nseg = (kp + xb - 1) / xb;
   auto xq_t = torch::empty({M, kp}, x.options().dtype(torch::kInt8));
   auto sx_t = torch::empty({M, nseg}, x.options());
-  auto xsum_t = torch::zeros({M, ng}, x.options());
+  auto xsum_t = torch::zeros({ng, M}, x.options());  // transposed: see rows_i8
   {
     const float* xr = x.data_ptr<float>();
     int8_t* xq = xq_t.data_ptr<int8_t>();
@@ -331,11 +368,11 @@ torch::Tensor gemv_i8(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales,
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         const int32_t isum = _mm_cvtsi128_si32(s4);
         sx[m * nseg + s] = scale;
-        xs[m * ng + k0 / group] += scale * (float)isum;
+        xs[(k0 / group) * M + m] += scale * (float)isum;
       }
   }
   auto y = torch::empty({M, N}, x.options());
-  I8Args a{xq_t.data_ptr<int8_t>(), sx_t.data_ptr<float>(), xsum_t.data_ptr<float>(), kp, nseg, ng, xb,
+  I8Args a{xq_t.data_ptr<int8_t>(), sx_t.data_ptr<float>(), xsum_t.data_ptr<float>(), M, kp, nseg, ng, xb,
            w.data_ptr<uint8_t>(), w.size(1), scales.data_ptr<float>(), zs.data_ptr<float>(), group,
            bits == 8 ? 128.f : 0.f, y.data_ptr<float>(), N};
   switch (bits) {
