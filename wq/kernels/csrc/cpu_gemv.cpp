@@ -251,7 +251,16 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
     // zero-point term for the MT rows at once: xsum_t is [n_groups, M], so rows m0.. of a group are adjacent
     const float* zr = a.zs + n * a.ng;
     __m128 zt = _mm_setzero_ps();
-    for (int64_t gg = 0; gg < a.ng; ++gg) {
+    int64_t gg = 0;
+    if (MT == 1 && a.M == 1) {  // decode: one row's group sums are contiguous, 8 groups per FMA
+      __m256 z8 = _mm256_setzero_ps();
+      const __m256 off = _mm256_set1_ps(a.off);
+      for (; gg + 8 <= a.ng; gg += 8)
+        z8 = _mm256_fmadd_ps(_mm256_fnmadd_ps(off, _mm256_loadu_ps(sr + gg), _mm256_loadu_ps(zr + gg)),
+                             _mm256_loadu_ps(a.xsum_t + gg), z8);
+      zt = _mm_set_ss(hsum(z8));
+    }
+    for (; gg < a.ng; ++gg) {
       const __m128 c = _mm_set1_ps(zr[gg] - a.off * sr[gg]);
       const float* xs = a.xsum_t + gg * a.M + m0;
       __m128 xv;
