@@ -63,11 +63,12 @@ def test_pack_rows_round_trip(bits):
 def test_native_matches_reference(scheme, shape, m, name):
     """The fp32 kernels: fp32 activations and accumulation (cpu_avx2_dq: dequantized tiles + torch GEMM)."""
     pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m)) % 1000)
-    x = torch.randn(2, m, shape[1])  # leading batch dims are kept
+    lead = (1,) if m == 1 else (2, m)  # leading batch dims are kept; M = 1, 6, 16
+    x = torch.randn(*lead, shape[1])
     bias = torch.randn(shape[0])
     y = run_kernel(name, x, pw, bias)
     ref = reference_matmul(x, pw, bias)
-    assert y.shape == ref.shape == (2, m, shape[0])
+    assert y.shape == ref.shape == (*lead, shape[0])
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # fp32 both sides: summation order only
 
 
@@ -95,11 +96,12 @@ def int8_rounded(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 def test_native_i8_is_reference_on_int8_rounded_x(scheme, shape, m):
     """The int8-activation kernel computes exactly dequant(W) . x~ (x~ = int8-rounded x) in fp32."""
     pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m, "i8")) % 1000)
-    x = torch.randn(2, m, shape[1])
+    lead = (1,) if m == 1 else (2, m)  # M = 1 (decode has its own zero-point loop), 6, 16
+    x = torch.randn(*lead, shape[1])
     bias = torch.randn(shape[0])
     y = run_kernel("cpu_avx2_i8", x, pw, bias)
     ref = reference_matmul(int8_rounded(x, pw), pw, bias)
-    assert y.shape == ref.shape == (2, m, shape[0])
+    assert y.shape == ref.shape == (*lead, shape[0])
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     assert rel_err(y, reference_matmul(x, pw, bias)) < 2e-2  # and close to the unrounded product
 
