@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from wq.kernels.dispatch import exact_kernels
+
 from . import models as M
 from .local_tasks import LOCAL_TASKS_VERSION
 from .ppl import clip_seqlen, load_ppl_data, perplexity
@@ -76,6 +78,7 @@ def _broadcast(obj, state):
     return box[0]
 
 
+@exact_kernels()  # the report measures the weights: no int8 rounding of activations by a CPU speed kernel
 def _evaluate_model(model, tokenizer, data, tasks, *, batch_size, task_batch_size, limit, add_bos,
                     num_fewshot, local_docs, state, label) -> dict | None:
     t0 = time.time()

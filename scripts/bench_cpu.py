@@ -117,9 +117,9 @@ def bench_layers(args) -> list[dict]:
                 peers = {s: peer_autoround(pw) for s, pw in packed.items()} if args.peers else {}
                 states = {}
                 for s, pw in packed.items():
-                    for kn in CPU_KERNELS:
+                    for kn in args.kernels:
                         kern = KERNELS.get(kn)
-                        if kern.why_not("cpu", torch.float32, pw, 1) in (None,):
+                        if kern.why_not("cpu", torch.float32, pw, 1, any_m=True) is None:  # forced: any M
                             states[(s, kn)] = (kern, kern.prepare(pw))
                 for m in args.m:
                     x32 = torch.randn(m, k)
@@ -427,6 +427,8 @@ def main(argv=None) -> None:
     p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
     p.add_argument("--schemes", nargs="+", default=SCHEMES)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--kernels", nargs="+", default=CPU_KERNELS, choices=CPU_KERNELS,
+                   help="(layers) kernels to force beside the automatic choice")
     p.add_argument("--native-max-m", type=int, default=64, help="skip cpu_avx2 (fp32) timings beyond this M")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peer-max-m", type=int, default=16)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from wq.kernels import KERNELS, cpu_native, force_kernel, select
+from wq.kernels.dispatch import exact_kernels
 from wq.kernels.reference import reference_matmul
+from wq.nn import QuantLinear
 from wq.packing import PackedWeight
 from wq.scheme import QuantScheme
 
@@ -218,16 +220,41 @@ def test_quant_linear_bound_run_equals_kernel(name, compact):
         assert rel_err(y.float(), ref) < (1e-2 if x.dtype == torch.bfloat16 or name == "cpu_avx2_i8" else 1e-5)
 
 
-@pytest.mark.parametrize(("scheme", "m", "expected"), [
-    ("W4G128", 1, "cpu_avx2_i8"), ("W4G128", 128, "cpu_avx2_i8"), ("W4G128", 129, "cpu_avx2_dq"),
-    ("W2G128", 128, "cpu_avx2_i8"), ("W2G128", 256, "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8"),
-    ("W3G128", 64, "cpu_avx2_i8"), ("W3G128", 65, "cpu_avx2_dq"), ("W4G-1", 512, "cpu_avx2_dq"), ("W8", 1, "cpu_avx2"),
-    ("W8", 4, "cpu_avx2_i8"),
-    ("W8", 64, "cpu_avx2_dq"), ("W8G128", 300, "cpu_avx2_dq"),
+@pytest.mark.parametrize(("scheme", "m", "expected", "exact"), [
+    ("W4G128", 1, "cpu_avx2_i8", "cpu_avx2"), ("W4G128", 512, "cpu_avx2_i8", "cpu_avx2_dq"),
+    ("W4G128", 513, "cpu_avx2_dq", "cpu_avx2_dq"), ("W4G128", 16, "cpu_avx2_i8", "cpu_avx2"),
+    ("W4G128", 17, "cpu_avx2_i8", "cpu_avx2_dq"), ("W2G128", 512, "cpu_avx2_i8", "cpu_avx2_dq"),
+    ("W2G128", 600, "cpu_avx2_dq", "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8", "cpu_avx2"),
+    ("W3G128", 8, "cpu_avx2_i8", "cpu_avx2"), ("W3G128", 9, "cpu_avx2_i8", "cpu_avx2_dq"),
+    ("W3G128", 128, "cpu_avx2_i8", "cpu_avx2_dq"), ("W3G128", 129, "cpu_avx2_dq", "cpu_avx2_dq"),
+    ("W4G-1", 1024, "cpu_avx2_dq", "cpu_avx2_dq"), ("W8", 1, "cpu_avx2_i8", "cpu_avx2"),
+    ("W8", 128, "cpu_avx2_i8", "cpu_avx2_dq"), ("W8", 129, "cpu_avx2_dq", "cpu_avx2_dq"),
+    ("W8G128", 300, "cpu_avx2_dq", "cpu_avx2_dq"),
 ])
-def test_dispatch_on_cpu(scheme, m, expected):
+def test_dispatch_on_cpu(scheme, m, expected, exact):
+    """The measured ranges; inside exact_kernels() (calibration, eval) no kernel that rounds x is picked."""
     pw = random_packed(32, 256, scheme, seed=0)
-    assert select(torch.randn(m, 256), pw).name == expected
+    x = torch.randn(m, 256)
+    assert select(x, pw).name == expected
+    with exact_kernels():
+        assert select(x, pw).name == exact and KERNELS.get(exact).exact
+    assert select(x, pw).name == expected  # the context restores the automatic choice
+
+
+def test_exact_kernels_reach_quant_linear_plans():
+    """QuantLinear caches a plan per call shape: entering exact_kernels() must not reuse the int8 plan."""
+    pw = random_packed(48, 256, "W4G128", seed=3)
+    ql = QuantLinear.from_packed(pw)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        fast = ql(x)
+        with exact_kernels():
+            exact = ql(x)
+        again = ql(x)
+    ref = reference_matmul(x, pw)
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5)  # fp32 kernel: summation order only
+    assert not torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)  # the int8 kernel rounds x
+    assert torch.equal(again, fast)
 
 
 def test_tiny_model_logits_fast_vs_reference():

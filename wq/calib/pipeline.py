@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..algorithms.rtn import rtn_quantize
+from ..kernels.dispatch import exact_kernels
 from ..nn import QuantLinear, set_module
 from ..scheme import QuantScheme
 from .data import calibration_samples
@@ -357,7 +358,9 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                 bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats=_plain(res.stats))
             losses[rel] = float(res.stats.get("loss", res.error))
         del before
-        with torch.no_grad():  # the next block sees what the quantized model computes
+        # the next block sees what the quantized model computes, through exact kernels only: which kernel
+        # is fastest at this seqlen x batch (e.g. int8-rounded activations on CPU) must not change the result
+        with torch.no_grad(), exact_kernels():
             hidden = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(hidden, kwargs)]
         _cast_float(block, dtype)
         block.to(home)

@@ -156,9 +156,9 @@ def int8_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Int8Sta
 
 KERNELS.add("aten_int4", Kernel(
     name="aten_int4", fn=int4_matmul, prepare=prepare_int4, bits=frozenset({2, 3, 4}), devices=frozenset({"cpu"}),
-    priority=10, available=lambda: _has("_weight_int4pack_mm_for_cpu"),
+    priority=10, available=lambda: _has("_weight_int4pack_mm_for_cpu"), exact=False,  # x cast to bf16
 ))
 KERNELS.add("aten_int8", Kernel(
     name="aten_int8", fn=int8_matmul, prepare=prepare_int8, bits=frozenset({8}), group_sizes=frozenset({-1}),
-    devices=frozenset({"cpu"}), priority=10, available=lambda: _has("_weight_int8pack_mm"),
+    devices=frozenset({"cpu"}), priority=10, available=lambda: _has("_weight_int8pack_mm"), exact=False,
 ))

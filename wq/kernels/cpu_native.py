@@ -219,22 +219,24 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     return _finish(yt.t(), x, bias, n)
 
 
-# Where each path wins, measured (docs/cpu.md; scripts/bench_cpu.py --part layers, 1 and 2 threads, the
-# 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M, max M).
-# The int8-activation kernel wins from decode through M = 128 at 2 and 4 bits on every 1B shape (1.0x-1.8x
-# dense vs 0.91x-1.37x for the GEMM route at M = 64-128); at M = 256 the two tie on the 1B shapes and the
-# int8 kernel loses on SmolLM2's K = 576 layers (0.79x-0.94x vs 0.92x-0.99x), so the GEMM route takes over
-# there. 3-bit: through 64 (its bit-plane expansion costs more; at 128 the GEMM route wins on 1 thread).
-# 8-bit: through 32 (sign trick; not measured above). The fp32 kernel only for 8-bit decode. Above:
-# dequantized tiles into torch's fp32 GEMM (exact). aten's int4/int8 ops lose to these at every M here.
-I8_M = ((2, 1, 128), (3, 1, 64), (4, 1, 128), (8, 2, 32))
-F32_M = ((8, 1, 1),)
-DQ_M = ((2, 129, None), (3, 65, None), (4, 129, None), (8, 33, None))
+# Where each path wins, measured (docs/cpu.md "Hand-over"; scripts/bench_cpu.py --part layers, 1 and 2
+# threads, the 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M,
+# max M). Automatic dispatch takes the highest-priority kernel whose range holds M, so:
+# - cpu_avx2_i8 (int8 activations, priority 25): 2/4-bit through M = 512 (1.04x-2.5x dense on every shape at
+#   M = 64-512; measured no further), 3-bit and 8-bit through 128 (above, its bit-plane expansion / sign
+#   trick loses to the GEMM route on the 576-wide layers).
+# - Inside `exact_kernels()` (calibration, eval) it is passed over, and the exact kernels' ranges apply:
+#   cpu_avx2 (fp32 activations, FMA) through M = 16 (8 at 3-bit), above it dequantized tiles into torch's
+#   fp32 GEMM (cpu_avx2_dq), which also takes every M past the int8 kernel's range.
+# aten's int4/int8 ops lose to these at every M here (and round x to bf16): fallback only.
+I8_M = ((2, 1, 512), (3, 1, 128), (4, 1, 512), (8, 1, 128))
+F32_M = ((2, 1, 16), (3, 1, 8), (4, 1, 16), (8, 1, 16))
+DQ_M = ((2, 17, None), (3, 9, None), (4, 17, None), (8, 17, None))
 
 _native = dict(prepare=prepare_native, bits=frozenset({2, 3, 4, 8}), devices=frozenset({"cpu"}), available=available,
                layout="cpu_avx2")
 KERNELS.add("cpu_avx2_i8", Kernel(name="cpu_avx2_i8", fn=native_i8_matmul, m_by_bits=I8_M, priority=25,
-                                  bind=_bind_gemv("gemv_i8"), **_native))
+                                  bind=_bind_gemv("gemv_i8"), exact=False, **_native))
 KERNELS.add("cpu_avx2", Kernel(name="cpu_avx2", fn=native_matmul, m_by_bits=F32_M, priority=20,
                                bind=_bind_gemv("gemv"), **_native))
 KERNELS.add("cpu_avx2_dq", Kernel(name="cpu_avx2_dq", fn=native_dq_matmul, m_by_bits=DQ_M, priority=15, **_native))

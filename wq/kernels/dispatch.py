@@ -2,15 +2,17 @@
 
 A kernel is chosen per (device type, activation dtype, bits, group size, sym, M) where M is the
 number of activation rows (batch x tokens). `WQ_KERNEL=<name>` or `force_kernel(name)` pins one
-(`reference` is ground truth). The choice, and why the better-ranked kernels were passed over, is
-logged once per key.
+(`reference` is ground truth); inside `with exact_kernels():` only kernels that multiply the activations
+as given are picked (no int8 rounding of x), which calibration uses. The choice, and why the
+better-ranked kernels were passed over, is logged once per key.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,9 @@ class Kernel:
     # bind(pw, state) -> run(x, bias): a closure with everything per layer resolved once, for kernels whose
     # per-call Python work matters next to the kernel (CPU decode); default: fn with pw and state bound
     bind: Callable[[PackedWeight, Any], Callable[[Tensor, Tensor | None], Tensor]] | None = None
+    # True: dequant(W) @ x with x as given (summation order aside); False: x is rounded first (int8
+    # activations, or fp32 cast to bf16), close but not the reference, so `exact_kernels()` passes it over
+    exact: bool = True
 
     def bound(self, pw: PackedWeight, state: Any) -> Callable[[Tensor, Tensor | None], Tensor]:
         if self.bind is not None:
@@ -83,6 +88,8 @@ class Kernel:
                 return f"not picked for {s.bits}-bit (only when forced)"
             if m < rng[0] or (rng[1] is not None and m > rng[1]):
                 return f"M={m} outside [{rng[0]}, {rng[1]}]"
+        if _exact_only and not self.exact:
+            return "rounds the activations (exact kernels required here)"
         if self.needs_g_idx_free and pw.g_idx is not None:
             return "act-order g_idx unsupported"
         if not self.available():
@@ -98,6 +105,7 @@ KERNELS.add(
 )
 
 _forced: str | None = None
+_exact_only = False
 _logged: set[tuple] = set()
 _memo: dict[tuple, Kernel] = {}
 
@@ -108,6 +116,23 @@ def force_kernel(name: str | None) -> None:
     if name is not None:
         KERNELS.get(name)  # unknown names fail here, with a "did you mean"
     _forced = name
+
+
+@contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Within: automatic dispatch picks only exact kernels (Kernel.exact). Calibration recomputes each
+    quantized block's outputs for the next block, and those must not depend on which kernel wins at
+    that M. A forced kernel still wins."""
+    global _exact_only
+    before, _exact_only = _exact_only, True
+    try:
+        yield
+    finally:
+        _exact_only = before
+
+
+def exact_only() -> bool:
+    return _exact_only
 
 
 # os.environ.get costs ~1 us (key encoding); QuantLinear asks once per call, so read the mapping
@@ -135,7 +160,7 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel
-    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, tuple(map(id, KERNELS._items.values())))
+    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, _exact_only, tuple(map(id, KERNELS._items.values())))
     hit = _memo.get(memo_key)  # a decode step calls select once per layer: keep it off the hot path
     if hit is not None:
         return hit

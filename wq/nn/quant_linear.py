@@ -75,8 +75,9 @@ class QuantLinear(nn.Module):
         # (a decode step runs every layer at the same M), keyed so that a forced kernel, new buffers or
         # in-place edits (load_state_dict) make a new plan
         qw = b["qweight"]
-        key = (x.device, x.dtype, x.numel() // x.shape[-1] if x.numel() else 1, dispatch.forced_kernel(), id(qw),
-               qw._version, b["scales"]._version, b["zeros"]._version)
+        key = (x.device, x.dtype, x.numel() // x.shape[-1] if x.numel() else 1,
+               (dispatch.forced_kernel(), dispatch.exact_only()), id(qw), qw._version, b["scales"]._version,
+               b["zeros"]._version)
         plans = self.__dict__.setdefault("_plans", {})
         run = plans.get(key)
         if run is None:
