@@ -63,6 +63,11 @@ def available() -> bool:
     return extension() is not None
 
 
+# 3-bit: where code j's third bit sits in its block's 32-bit plane (the kernel shifts dword d of the
+# broadcast plane right by d, so byte i of dword d must find code 4d + i's bit at bit 0)
+PLANE_BIT = 8 * (torch.arange(32) % 4) + torch.arange(32) // 4
+
+
 def pack_rows(q: Tensor, bits: int) -> Tensor:
     """Codes int [N, Kp] (Kp % 32 == 0) -> uint8 [N, Kp/32 * block_bytes] in the kernel's layout."""
     n, kp = q.shape
@@ -76,9 +81,9 @@ def pack_rows(q: Tensor, bits: int) -> Tensor:
         crumbs = lo[..., 0:8] | (lo[..., 8:16] << 2) | (lo[..., 16:24] << 4) | (lo[..., 24:32] << 6)
         if bits == 2:
             out = crumbs
-        else:  # 3-bit: + 32-bit plane of bit 2, little endian, bit j = code j
+        else:  # 3-bit: + 32-bit plane of bit 2, little endian, code j's bit at 8 * (j % 4) + j // 4
             hi = ((b >> 2) & 1).to(torch.int64)
-            plane = (hi << torch.arange(32)).sum(-1)  # [N, blocks]
+            plane = (hi << PLANE_BIT).sum(-1)  # [N, blocks]
             plane_bytes = torch.stack([(plane >> (8 * i)) & 0xFF for i in range(4)], -1).to(torch.uint8)
             out = torch.cat([crumbs, plane_bytes], -1)
     return out.reshape(n, -1).contiguous()
@@ -97,7 +102,7 @@ def unpack_rows(w: Tensor, bits: int) -> Tensor:
         q = torch.cat([(crumbs >> s) & 3 for s in (0, 2, 4, 6)], -1)
         if bits == 3:
             plane = sum(b[..., 8 + i] << (8 * i) for i in range(4))  # [N, blocks] int32 (bit 31 wraps: masked below)
-            q = q | (((plane[..., None] >> torch.arange(32)) & 1) << 2)
+            q = q | (((plane[..., None] >> PLANE_BIT) & 1) << 2)
     return q.reshape(n, -1)
 
 
