@@ -214,8 +214,11 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
     xs = _kernel_input(x, pw.in_features, state)
     n, kp = pw.out_features, xs.shape[1]
     rows = max(16, DQ_TILE_BYTES // (4 * kp))
-    yt = torch.empty(n, xs.shape[0], dtype=torch.float32)  # y^T: each tile writes contiguous rows
     ext = extension()
+    if rows >= n:  # one tile: exactly dense's GEMM (x @ W^T into y), no transposed result to copy back
+        w = ext.dequant_rows(state.w, state.scales, state.zs, pw.scheme.bits, state.group, 0, n)  # [N, Kp]
+        return _finish(F.linear(xs, w), x, bias, n)
+    yt = torch.empty(n, xs.shape[0], dtype=torch.float32)  # y^T: each tile writes contiguous rows
     xt = xs.t()
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
