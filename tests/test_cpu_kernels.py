@@ -94,11 +94,12 @@ def int8_rounded(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", SCHEMES_LOW + SCHEMES_8 + ["W8G64", "W3G256", "W2G32"])
 @pytest.mark.parametrize("shape", SHAPES + [(24, 1000)])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
 def test_native_i8_is_reference_on_int8_rounded_x(scheme, shape, m):
     """The int8-activation kernel computes exactly dequant(W) . x~ (x~ = int8-rounded x) in fp32."""
     pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m, "i8")) % 1000)
-    lead = (1,) if m == 1 else (2, m)  # M = 1 (decode has its own zero-point loop), 6, 16
+    # M = 1 (decode has its own zero-point loop), 5 (a quad of rows + a single row), 6, 16
+    lead = (m,) if m in (1, 5) else (2, m)
     x = torch.randn(*lead, shape[1])
     bias = torch.randn(shape[0])
     y = run_kernel("cpu_avx2_i8", x, pw, bias)
@@ -331,3 +332,28 @@ def test_compact_model_save_load(tmp_path):
     wq.save(loaded, tmp_path / "b")  # a compact model saves the exact checkpoint tensors
     a, b = wq.io.read_state(tmp_path / "a"), wq.io.read_state(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exact_kernels_is_per_thread():
+    """Calibration in one thread must not switch the kernels another thread decodes with."""
+    import threading
+
+    pw = random_packed(32, 256, "W4G128", seed=0)
+    x = torch.randn(1, 256)
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def calibrate():
+        with exact_kernels():
+            seen["inside"] = select(x, pw).name
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=calibrate)
+    t.start()
+    try:
+        assert entered.wait(10)
+        assert select(x, pw).name == "cpu_avx2_i8"  # this thread: still the automatic choice
+    finally:
+        release.set()
+        t.join()
+    assert seen["inside"] == "cpu_avx2"

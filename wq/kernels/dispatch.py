@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class Kernel:
                 return f"not picked for {s.bits}-bit (only when forced)"
             if m < rng[0] or (rng[1] is not None and m > rng[1]):
                 return f"M={m} outside [{rng[0]}, {rng[1]}]"
-        if _exact_only and not self.exact:
+        if not self.exact and exact_only():
             return "rounds the activations (exact kernels required here)"
         if self.needs_g_idx_free and pw.g_idx is not None:
             return "act-order g_idx unsupported"
@@ -105,7 +106,8 @@ KERNELS.add(
 )
 
 _forced: str | None = None
-_exact_only = False
+_mode = threading.local()  # .exact: inside exact_kernels() on this thread (calibration in one thread
+# must not change the kernels another thread decodes with)
 _logged: set[tuple] = set()
 _memo: dict[tuple, Kernel] = {}
 
@@ -120,19 +122,20 @@ def force_kernel(name: str | None) -> None:
 
 @contextmanager
 def exact_kernels() -> Iterator[None]:
-    """Within: automatic dispatch picks only exact kernels (Kernel.exact). Calibration recomputes each
-    quantized block's outputs for the next block, and those must not depend on which kernel wins at
-    that M. A forced kernel still wins."""
-    global _exact_only
-    before, _exact_only = _exact_only, True
+    """Within (on this thread): automatic dispatch picks only exact kernels (Kernel.exact). Calibration
+    recomputes each quantized block's outputs for the next block, and those must not depend on which
+    kernel wins at that M. A forced kernel still wins."""
+    before = getattr(_mode, "exact", False)
+    _mode.exact = True
     try:
         yield
     finally:
-        _exact_only = before
+        _mode.exact = before
 
 
 def exact_only() -> bool:
-    return _exact_only
+    """True inside exact_kernels() on the calling thread."""
+    return getattr(_mode, "exact", False)
 
 
 # os.environ.get costs ~1 us (key encoding); QuantLinear asks once per call, so read the mapping
@@ -160,7 +163,7 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel
-    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, _exact_only, tuple(map(id, KERNELS._items.values())))
+    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, exact_only(), tuple(map(id, KERNELS._items.values())))
     hit = _memo.get(memo_key)  # a decode step calls select once per layer: keep it off the hot path
     if hit is not None:
         return hit

@@ -33,7 +33,9 @@ inline __m256i codes32(const uint8_t* p) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
   } else {
     // byte j (j < 8): code j | code j+8 << 2 | code j+16 << 4 | code j+24 << 6: qword t shifted by 2t
-    const __m256i v = _mm256_set1_epi64x(*(const int64_t*)p);
+    int64_t q64;
+    std::memcpy(&q64, p, 8);
+    const __m256i v = _mm256_set1_epi64x(q64);
     __m256i c = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(0x03));
     if constexpr (BITS == 3) {
       // plane bit 8 * (j % 4) + j / 4 is bit 2 of code j: shifting dword d of the broadcast plane right by d
@@ -255,7 +257,7 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
       const float* xs = a.xsum_t + gg * a.M + m0;
       __m128 xv;
       if constexpr (MT == 4) xv = _mm_loadu_ps(xs);
-      else if constexpr (MT == 2) xv = _mm_castpd_ps(_mm_load_sd((const double*)xs));
+      else if constexpr (MT == 2) xv = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)xs));
       else xv = _mm_load_ss(xs);
       zt = _mm_fmadd_ps(c, xv, zt);
     }
@@ -286,6 +288,10 @@ inline int64_t segment_for(int64_t group) {
     if (group % s == 0) return s;
   return 32;
 }
+
+// Per-thread scratch (rounded activations, group sums) is kept between calls up to this many floats
+// (16 MiB: a decode or prefill chunk of a 1B-8B model); a larger call's buffer is released after it.
+constexpr size_t kKeepScratch = 4u << 20;
 
 // The argument contract shared by gemv and gemv_i8 (see gemv's comment).
 inline void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
@@ -331,7 +337,7 @@ torch::Tensor gemv_i8(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales,
   // The rounded activations live in a per-thread scratch buffer, not in tensors: on a small layer (SmolLM2's
   // 192x576 decode step, ~4 us of work) three tensor allocations per call were a visible share of it.
   // Layout: sx [M, nseg] fp32, xsum [ng, M] fp32 (transposed: see rows_i8), then xq [M, Kp] int8.
-  thread_local std::vector<float> scratch;
+  thread_local std::vector<float> scratch;  // released again after a call that needed more than kKeepScratch
   const size_t n_floats = (size_t)(M * nseg + ng * M), n_total = n_floats + (size_t)(M * kp + 3) / 4;
   if (scratch.size() < n_total) scratch.resize(n_total);
   float* const sx_buf = scratch.data();
@@ -388,6 +394,7 @@ torch::Tensor gemv_i8(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales,
     case 8: run_i8<8>(a, M); break;
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
   }
+  if (scratch.size() > kKeepScratch) std::vector<float>().swap(scratch);
   return kernel_output(y, x_in, bias);
 }
 
@@ -427,6 +434,7 @@ torch::Tensor gemv(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales, to
     case 8: run<8>(xp, M, kp, xs, ng, wp, rb, sp, zp, group, yp, N); break;
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
   }
+  if (xsum.size() > kKeepScratch) std::vector<float>().swap(xsum);
   return kernel_output(y, x_in, bias);
 }
 
