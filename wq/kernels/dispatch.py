@@ -106,8 +106,13 @@ KERNELS.add(
 )
 
 _forced: str | None = None
-_mode = threading.local()  # .exact: inside exact_kernels() on this thread (calibration in one thread
-# must not change the kernels another thread decodes with)
+class _Mode(threading.local):
+    """Per-thread dispatch mode (calibration in one thread must not change another thread's kernels)."""
+
+    exact = False  # inside exact_kernels(); a class default keeps the read cheap (QuantLinear asks per call)
+
+
+_mode = _Mode()
 _logged: set[tuple] = set()
 _memo: dict[tuple, Kernel] = {}
 
@@ -125,7 +130,7 @@ def exact_kernels() -> Iterator[None]:
     """Within (on this thread): automatic dispatch picks only exact kernels (Kernel.exact). Calibration
     recomputes each quantized block's outputs for the next block, and those must not depend on which
     kernel wins at that M. A forced kernel still wins."""
-    before = getattr(_mode, "exact", False)
+    before = _mode.exact
     _mode.exact = True
     try:
         yield
@@ -135,7 +140,7 @@ def exact_kernels() -> Iterator[None]:
 
 def exact_only() -> bool:
     """True inside exact_kernels() on the calling thread."""
-    return getattr(_mode, "exact", False)
+    return _mode.exact
 
 
 # os.environ.get costs ~1 us (key encoding); QuantLinear asks once per call, so read the mapping
