@@ -3,7 +3,7 @@
 A kernel is chosen per (device type, activation dtype, bits, group size, sym, M) where M is the
 number of activation rows (batch x tokens). `WQ_KERNEL=<name>` or `force_kernel(name)` pins one
 (`reference` is ground truth); inside `with exact_kernels():` only kernels that multiply the activations
-as given are picked (no int8 rounding of x), which calibration uses. The choice, and why the
+as given are picked (no int8 rounding of x), as calibration and eval need. The choice, and why the
 better-ranked kernels were passed over, is logged once per key.
 """
 
@@ -106,6 +106,8 @@ KERNELS.add(
 )
 
 _forced: str | None = None
+
+
 class _Mode(threading.local):
     """Per-thread dispatch mode (calibration in one thread must not change another thread's kernels)."""
 
@@ -113,6 +115,7 @@ class _Mode(threading.local):
 
 
 _mode = _Mode()
+
 _logged: set[tuple] = set()
 _memo: dict[tuple, Kernel] = {}
 
