@@ -230,7 +230,7 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 # Where each path wins, measured (docs/cpu.md "Hand-over"; scripts/bench_cpu.py --part layers, 1 and 2
 # threads, the 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M,
 # max M). Automatic dispatch takes the highest-priority kernel whose range holds M, so:
-# - cpu_avx2_i8 (int8 activations, priority 25): 2/4-bit through M = 512 (1.04x-2.5x dense on every shape at
+# - cpu_avx2_i8 (int8 activations, priority 25): 2/4-bit through M = 512 (1.03x-2.28x dense on every shape at
 #   M = 64-512; measured no further), 3-bit and 8-bit through 128 (above, its bit-plane expansion / sign
 #   trick loses to the GEMM route on the 576-wide layers).
 # - Inside `exact_kernels()` (calibration, eval) it is passed over, and the exact kernels' ranges apply:
