@@ -189,36 +189,6 @@ inline __m128 hsum_rows(const __m256 v[MT]) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// y[m0 + m, n] for m < MT (<= 4): the row sums of facc minus the zero-point term sum_g (z_g - off) s_g xsum_g.
-// xsum_t is [n_groups, M], so rows m0.. of a group are adjacent (one load for up to 4 rows).
-template <int MT>
-inline void finish_rows(const I8Args& a, const __m256* facc, int64_t n, int64_t m0) {
-  const float* sr = a.scales + n * a.ng;
-  const float* zr = a.zs + n * a.ng;
-  __m128 zt = _mm_setzero_ps();
-  int64_t gg = 0;
-  if (MT == 1 && a.M == 1) {  // decode: one row's group sums are contiguous, 8 groups per FMA
-    __m256 z8 = _mm256_setzero_ps();
-    const __m256 off = _mm256_set1_ps(a.off);
-    for (; gg + 8 <= a.ng; gg += 8)
-      z8 = _mm256_fmadd_ps(_mm256_fnmadd_ps(off, _mm256_loadu_ps(sr + gg), _mm256_loadu_ps(zr + gg)),
-                           _mm256_loadu_ps(a.xsum_t + gg), z8);
-    zt = _mm_set_ss(hsum(z8));
-  }
-  for (; gg < a.ng; ++gg) {
-    const __m128 c = _mm_set1_ps(zr[gg] - a.off * sr[gg]);
-    const float* xs = a.xsum_t + gg * a.M + m0;
-    __m128 xv;
-    if constexpr (MT == 4) xv = _mm_loadu_ps(xs);
-    else if constexpr (MT == 2) xv = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)xs));
-    else xv = _mm_load_ss(xs);
-    zt = _mm_fmadd_ps(c, xv, zt);
-  }
-  alignas(16) float out[4];
-  _mm_store_ps(out, _mm_sub_ps(hsum_rows<MT>(facc), zt));
-  for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = out[m];
-}
-
 // Rows [n0, n1) of W against MT rows of x from m0: each block of 32 codes is expanded once and used for
 // MT rows; per segment the int16 sums widen to int32 once, convert to fp32 and take the segment's
 // scale s_g * sx[m, seg] in one FMA. Registers: MT accumulators + MT fp32 sums + the block + x.
@@ -270,12 +240,30 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
                                   facc[m]);
       }
     }
-    if constexpr (MT == 6) {  // a quad and a pair of rows
-      finish_rows<4>(a, facc, n, m0);
-      finish_rows<2>(a, facc + 4, n, m0 + 4);
-    } else {
-      finish_rows<MT>(a, facc, n, m0);
+    // zero-point term for the MT rows at once: xsum_t is [n_groups, M], so rows m0.. of a group are adjacent
+    const float* zr = a.zs + n * a.ng;
+    __m128 zt = _mm_setzero_ps();
+    int64_t gg = 0;
+    if (MT == 1 && a.M == 1) {  // decode: one row's group sums are contiguous, 8 groups per FMA
+      __m256 z8 = _mm256_setzero_ps();
+      const __m256 off = _mm256_set1_ps(a.off);
+      for (; gg + 8 <= a.ng; gg += 8)
+        z8 = _mm256_fmadd_ps(_mm256_fnmadd_ps(off, _mm256_loadu_ps(sr + gg), _mm256_loadu_ps(zr + gg)),
+                             _mm256_loadu_ps(a.xsum_t + gg), z8);
+      zt = _mm_set_ss(hsum(z8));
     }
+    for (; gg < a.ng; ++gg) {
+      const __m128 c = _mm_set1_ps(zr[gg] - a.off * sr[gg]);
+      const float* xs = a.xsum_t + gg * a.M + m0;
+      __m128 xv;
+      if constexpr (MT == 4) xv = _mm_loadu_ps(xs);
+      else if constexpr (MT == 2) xv = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)xs));
+      else xv = _mm_load_ss(xs);
+      zt = _mm_fmadd_ps(c, xv, zt);
+    }
+    alignas(16) float out[4];
+    _mm_store_ps(out, _mm_sub_ps(hsum_rows<MT>(facc), zt));
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = out[m];
   }
 }
 
@@ -287,7 +275,6 @@ void run_i8(const I8Args& a, int64_t M) {
     for (int64_t n0 = r0; n0 < r1; n0 += chunk) {
       const int64_t n1 = std::min(r1, n0 + chunk);
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) rows_i8<BITS, 6>(a, m, n0, n1);
       for (; m + 4 <= M; m += 4) rows_i8<BITS, 4>(a, m, n0, n1);
       for (; m + 2 <= M; m += 2) rows_i8<BITS, 2>(a, m, n0, n1);
       for (; m < M; ++m) rows_i8<BITS, 1>(a, m, n0, n1);
