@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -34,6 +36,11 @@ def random_packed(out_f: int, in_f: int, scheme: str, seed: int, act_order: bool
     return PackedWeight.from_codes(q, scale, zero, s, g_idx=g_idx)
 
 
+def stable_seed(*parts) -> int:
+    """A seed from the test's parameters that is the same in every run (hash() of a str is salted)."""
+    return zlib.crc32(repr(parts).encode()) % 1000
+
+
 def run_kernel(name: str, x: torch.Tensor, pw: PackedWeight, bias=None) -> torch.Tensor:
     k = KERNELS.get(name)
     reason = k.why_not("cpu", x.dtype, pw, x.numel() // x.shape[-1], any_m=True)
@@ -64,7 +71,7 @@ def test_pack_rows_round_trip(bits):
 @pytest.mark.parametrize("name", ["cpu_avx2", "cpu_avx2_dq"])
 def test_native_matches_reference(scheme, shape, m, name):
     """The fp32 kernels: fp32 activations and accumulation (cpu_avx2_dq: dequantized tiles + torch GEMM)."""
-    pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m)) % 1000)
+    pw = random_packed(*shape, scheme, seed=stable_seed(scheme, shape, m))
     lead = (1,) if m == 1 else (2, m)  # leading batch dims are kept; M = 1, 6, 16
     x = torch.randn(*lead, shape[1])
     bias = torch.randn(shape[0])
@@ -97,7 +104,7 @@ def int8_rounded(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 3, 5, 8])
 def test_native_i8_is_reference_on_int8_rounded_x(scheme, shape, m):
     """The int8-activation kernel computes exactly dequant(W) . x~ (x~ = int8-rounded x) in fp32."""
-    pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m, "i8")) % 1000)
+    pw = random_packed(*shape, scheme, seed=stable_seed(scheme, shape, m, "i8"))
     # M = 1 (decode has its own zero-point loop), 5 (a quad of rows + a single row), 6, 16
     lead = (m,) if m in (1, 5) else (2, m)
     x = torch.randn(*lead, shape[1])
@@ -106,7 +113,9 @@ def test_native_i8_is_reference_on_int8_rounded_x(scheme, shape, m):
     ref = reference_matmul(int8_rounded(x, pw), pw, bias)
     assert y.shape == ref.shape == (*lead, shape[0])
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    assert rel_err(y, reference_matmul(x, pw, bias)) < 2e-2  # and close to the unrounded product
+    # and close to the unrounded product: up to ~2.2% seen for one row against asymmetric 8-bit weights
+    # (their nonzero group means add the rounding errors coherently), over 30 seeds x every case here
+    assert rel_err(y, reference_matmul(x, pw, bias)) < 5e-2
 
 
 def test_native_i8_outlier_stays_in_its_segment():
@@ -147,7 +156,7 @@ def test_quant_linear_plan_follows_buffer_edits_and_forcing():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_aten_int4_matches_reference(scheme, shape, m):
-    pw = random_packed(*shape, scheme, seed=hash((scheme, shape, m)) % 1000)
+    pw = random_packed(*shape, scheme, seed=stable_seed(scheme, shape, m))
     x = torch.randn(m, shape[1])
     y = run_kernel("aten_int4", x, pw)
     assert y.dtype == x.dtype and y.shape == (m, shape[0])
