@@ -366,3 +366,16 @@ def test_exact_kernels_is_per_thread():
         release.set()
         t.join()
     assert seen["inside"] == "cpu_avx2"
+
+
+def test_native_dq_several_tiles():
+    """cpu_avx2_dq multiplies tile by tile (8 MiB of fp32 rows each) once W outgrows one tile: 1040 x 2048
+    is a 1024-row tile and a 16-row one; bias, bf16 and the leading shape go through the same C++ path."""
+    pw = random_packed(1040, 2048, "W4G128", seed=4)
+    bias = torch.randn(1040)
+    for x in (torch.randn(2, 3, 2048), torch.randn(5, 2048, dtype=torch.bfloat16)):
+        y = run_kernel("cpu_avx2_dq", x, pw, bias)
+        assert y.shape == (*x.shape[:-1], 1040) and y.dtype == x.dtype
+        ref = reference_matmul(x.float(), pw, bias)
+        tol = 1e-2 if x.dtype == torch.bfloat16 else 1e-5
+        assert rel_err(y.float(), ref) < tol

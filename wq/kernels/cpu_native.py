@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..packing import PackedWeight
@@ -150,27 +149,6 @@ def prepare_native(pw: PackedWeight) -> NativeState | None:
                        pw.zeros.cpu().t().contiguous())
 
 
-def _kernel_input(x: Tensor, k: int, state: NativeState) -> Tensor:
-    """x [..., K] -> fp32 [M, Kp] in the layout's channel order (act-order permuted, zero padded)."""
-    xs = x.reshape(-1, k)
-    if xs.dtype != torch.float32:
-        xs = xs.float()
-    if state.perm is not None:
-        xs = xs.index_select(1, state.perm)
-    if state.k_pad:
-        xs = F.pad(xs, (0, state.k_pad))
-    return xs.contiguous()
-
-
-def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
-    """fp32 [M, N] -> x's dtype and leading shape, bias added."""
-    if bias is not None:
-        y = y + bias.float()
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
-
-
 def _run(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None, fn_name: str) -> Tensor:
     return _bind_gemv(fn_name)(pw, state)(x, bias)
 
@@ -188,7 +166,7 @@ def native_i8_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 
 
 def _bind_gemv(fn_name: str):
-    """bind(pw, state) for gemv / gemv_i8: run(x, bias) with the layer's constants bound once. A decode
+    """bind(pw, state) for gemv / gemv_i8 / gemm_dq: run(x, bias) with the layer's constants bound once. A decode
     step calls every layer once per token, and on small layers (SmolLM2's 192x576: ~10 us dense) every
     tensor op issued from Python costs a visible share, so the extension takes x as it comes ([..., K],
     any float dtype) and does the cast, act-order permutation, padding, bias and output shape itself."""
@@ -203,28 +181,10 @@ def _bind_gemv(fn_name: str):
     return bind
 
 
-DQ_TILE_BYTES = 8 << 20  # fp32 tile of dequantized rows per GEMM call: bounded extra memory, stays in cache
-
-
 def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None) -> Tensor:
-    """Large M: dequantize a tile of rows to fp32 (AVX2) and multiply it with torch's fp32 GEMM, tile by
-    tile (at most DQ_TILE_BYTES of fp32 weights alive). The reference's math up to summation order."""
-    if state is None:
-        return reference_matmul(x, pw, bias)
-    xs = _kernel_input(x, pw.in_features, state)
-    n, kp = pw.out_features, xs.shape[1]
-    rows = max(16, DQ_TILE_BYTES // (4 * kp))
-    ext = extension()
-    if rows >= n:  # one tile: exactly dense's GEMM (x @ W^T into y), no transposed result to copy back
-        w = ext.dequant_rows(state.w, state.scales, state.zs, pw.scheme.bits, state.group, 0, n)  # [N, Kp]
-        return _finish(F.linear(xs, w), x, bias, n)
-    yt = torch.empty(n, xs.shape[0], dtype=torch.float32)  # y^T: each tile writes contiguous rows
-    xt = xs.t()
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        tile = ext.dequant_rows(state.w, state.scales, state.zs, pw.scheme.bits, state.group, n0, n1)  # [n1-n0, Kp]
-        torch.mm(tile, xt, out=yt[n0:n1])
-    return _finish(yt.t(), x, bias, n)
+    """Large M: tiles of rows dequantized to fp32 (AVX2, at most 8 MiB alive) times torch's fp32 GEMM, all
+    in the extension. The reference's math up to summation order."""
+    return _run(x, pw, bias, state, "gemm_dq")
 
 
 # Where each path wins, measured (docs/cpu.md "Hand-over"; scripts/bench_cpu.py --part layers, 1 and 2
@@ -247,4 +207,5 @@ KERNELS.add("cpu_avx2_i8", Kernel(name="cpu_avx2_i8", fn=native_i8_matmul, m_by_
                                   bind=_bind_gemv("gemv_i8"), exact=False, **_native))
 KERNELS.add("cpu_avx2", Kernel(name="cpu_avx2", fn=native_matmul, m_by_bits=F32_M, priority=20,
                                bind=_bind_gemv("gemv"), **_native))
-KERNELS.add("cpu_avx2_dq", Kernel(name="cpu_avx2_dq", fn=native_dq_matmul, m_by_bits=DQ_M, priority=15, **_native))
+KERNELS.add("cpu_avx2_dq", Kernel(name="cpu_avx2_dq", fn=native_dq_matmul, m_by_bits=DQ_M, priority=15,
+                                  bind=_bind_gemv("gemm_dq"), **_native))

@@ -478,8 +478,30 @@ torch::Tensor dequant_rows(torch::Tensor w, torch::Tensor scales, torch::Tensor 
   return out;
 }
 
+// Large M: tiles of rows of W dequantized to fp32 (at most kTileBytes alive) and multiplied with torch's
+// fp32 GEMM; the reference's math up to summation order. Same arguments and return as gemv.
+torch::Tensor gemm_dq(torch::Tensor x_in, torch::Tensor w, torch::Tensor scales, torch::Tensor zs, int64_t bits,
+                      int64_t group, int64_t kp_, c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> bias) {
+  constexpr int64_t kTileBytes = 8 << 20;  // bounded extra memory, stays in the last-level cache
+  const auto x = kernel_input(x_in, kp_, perm);
+  check_args(x, w, scales, zs, bits, group);
+  const int64_t N = w.size(0), kp = x.size(1);
+  const int64_t rows = std::max<int64_t>(16, kTileBytes / (4 * kp));
+  if (rows >= N)  // one tile: exactly dense's GEMM (x @ W^T into y), no transposed result to copy back
+    return kernel_output(at::linear(x, dequant_rows(w, scales, zs, bits, group, 0, N)), x_in, bias);
+  auto yt = torch::empty({N, x.size(0)}, x.options());  // y^T: each tile writes contiguous rows
+  const auto xt = x.t();
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n1 = std::min(N, n0 + rows);
+    auto out = yt.narrow(0, n0, n1 - n0);
+    at::mm_out(out, dequant_rows(w, scales, zs, bits, group, n0, n1), xt);
+  }
+  return kernel_output(yt.t().contiguous(), x_in, bias);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "packed low-bit GEMV/GEMM (AVX2, fp32 activations)");
   m.def("gemv_i8", &gemv_i8, "packed low-bit GEMV/GEMM (AVX2, int8-rounded activations)");
   m.def("dequant_rows", &dequant_rows, "rows of the dequantized weight, fp32 (AVX2)");
+  m.def("gemm_dq", &gemm_dq, "dequantized tiles of W times x through torch's fp32 GEMM");
 }
