@@ -101,11 +101,12 @@ def int8_rounded(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", SCHEMES_LOW + SCHEMES_8 + ["W8G64", "W3G256", "W2G32"])
 @pytest.mark.parametrize("shape", SHAPES + [(24, 1000)])
-@pytest.mark.parametrize("m", [1, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 21])
 def test_native_i8_is_reference_on_int8_rounded_x(scheme, shape, m):
     """The int8-activation kernel computes exactly dequant(W) . x~ (x~ = int8-rounded x) in fp32."""
     pw = random_packed(*shape, scheme, seed=stable_seed(scheme, shape, m, "i8"))
-    # M = 1 (decode has its own zero-point loop), 5 (a quad of rows + a single row), 6, 16
+    # M = 1 (decode has its own zero-point loop), 5 (a quad of rows + a single row), 6, 16, 42 (a pair after the
+    # quads); 3-bit codes are expanded ahead of the rows of x from M = 6 on, 2/4-bit from 32 (expand_rows)
     lead = (m,) if m in (1, 5) else (2, m)
     x = torch.randn(*lead, shape[1])
     bias = torch.randn(shape[0])
@@ -236,7 +237,7 @@ def test_quant_linear_bound_run_equals_kernel(name, compact):
     ("W4G128", 17, "cpu_avx2_i8", "cpu_avx2_dq"), ("W2G128", 512, "cpu_avx2_i8", "cpu_avx2_dq"),
     ("W2G128", 600, "cpu_avx2_dq", "cpu_avx2_dq"), ("W3G128", 1, "cpu_avx2_i8", "cpu_avx2"),
     ("W3G128", 8, "cpu_avx2_i8", "cpu_avx2"), ("W3G128", 9, "cpu_avx2_i8", "cpu_avx2_dq"),
-    ("W3G128", 128, "cpu_avx2_i8", "cpu_avx2_dq"), ("W3G128", 129, "cpu_avx2_dq", "cpu_avx2_dq"),
+    ("W3G128", 512, "cpu_avx2_i8", "cpu_avx2_dq"), ("W3G128", 513, "cpu_avx2_dq", "cpu_avx2_dq"),
     ("W4G-1", 1024, "cpu_avx2_dq", "cpu_avx2_dq"), ("W8", 1, "cpu_avx2_i8", "cpu_avx2"),
     ("W8", 128, "cpu_avx2_i8", "cpu_avx2_dq"), ("W8", 129, "cpu_avx2_dq", "cpu_avx2_dq"),
     ("W8G128", 300, "cpu_avx2_dq", "cpu_avx2_dq"),

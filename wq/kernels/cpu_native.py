@@ -190,14 +190,15 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 # Where each path wins, measured (docs/cpu.md "Hand-over"; scripts/bench_cpu.py --part layers, 1 and 2
 # threads, the 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M,
 # max M). Automatic dispatch takes the highest-priority kernel whose range holds M, so:
-# - cpu_avx2_i8 (int8 activations, priority 25): 2/4-bit through M = 512 (1.03x-2.28x dense on every shape at
-#   M = 64-512; measured no further), 3-bit and 8-bit through 128 (above, its bit-plane expansion / sign
-#   trick loses to the GEMM route on the 576-wide layers).
+# - cpu_avx2_i8 (int8 activations, priority 25): 2/3/4-bit through M = 512 (1.03x-2.28x dense on every shape
+#   at M = 64-512; 3-bit 1.05x-1.74x since its codes are expanded once per chunk of W; measured no further),
+#   8-bit through 128 (above, its sign trick costs as many instructions as an fp32 FMA and the GEMM route
+#   wins on the 576-wide layers).
 # - Inside `exact_kernels()` (calibration, eval) it is passed over, and the exact kernels' ranges apply:
 #   cpu_avx2 (fp32 activations, FMA) through M = 16 (8 at 3-bit), above it dequantized tiles into torch's
 #   fp32 GEMM (cpu_avx2_dq), which also takes every M past the int8 kernel's range.
 # aten's int4/int8 ops lose to these at every M here (and round x to bf16): fallback only.
-I8_M = ((2, 1, 512), (3, 1, 128), (4, 1, 512), (8, 1, 128))
+I8_M = ((2, 1, 512), (3, 1, 512), (4, 1, 512), (8, 1, 128))
 F32_M = ((2, 1, 16), (3, 1, 8), (4, 1, 16), (8, 1, 16))
 DQ_M = ((2, 17, None), (3, 9, None), (4, 17, None), (8, 17, None))
 

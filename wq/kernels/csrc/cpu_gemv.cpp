@@ -173,6 +173,21 @@ struct I8Args {
   float* y; int64_t N;
 };
 
+// Rows [n0, n1) of W's 2/3/4-bit codes expanded to one byte each (the int8 path's 32-byte blocks, kp bytes a
+// row) ahead of a pass of many x rows over them: the expansion is paid once per row of W instead of once per
+// four rows of x. (8-bit codes are bytes already; expanding their sign-trick operands measured no gain.)
+template <int BITS>
+void expand_rows(const I8Args& a, int64_t n0, int64_t n1, uint8_t* out) {
+  static_assert(BITS != 8, "8-bit codes are not expanded");
+  constexpr int BB = block_bytes(BITS);
+  const int64_t n_blocks = a.kp / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * a.row_bytes;
+    uint8_t* o = out + (n - n0) * a.kp;
+    for (int64_t b = 0; b < n_blocks; ++b) _mm256_storeu_si256((__m256i*)(o + b * 32), codes32<BITS>(wr + b * BB));
+  }
+}
+
 // The MT sums of v[0..MT) (MT <= 4) in the low lanes of one 128-bit vector.
 template <int MT>
 inline __m128 hsum_rows(const __m256 v[MT]) {
@@ -192,8 +207,9 @@ inline __m128 hsum_rows(const __m256 v[MT]) {
 // Rows [n0, n1) of W against MT rows of x from m0: each block of 32 codes is expanded once and used for
 // MT rows; per segment the int16 sums widen to int32 once, convert to fp32 and take the segment's
 // scale s_g * sx[m, seg] in one FMA. Registers: MT accumulators + MT fp32 sums + the block + x.
-template <int BITS, int MT>
-void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
+// EX: the codes come already expanded, `ex` holding expand_rows of rows [n0, n1).
+template <int BITS, int MT, bool EX>
+void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1, const uint8_t* ex) {
   constexpr int BB = block_bytes(BITS);
   const int64_t n_blocks = a.kp / 32, bps = a.xb / 32, segs_per_group = a.group / a.xb;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -204,7 +220,7 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
     sxr[m] = a.sx + (m0 + m) * a.nseg;
   }
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * a.row_bytes;
+    const uint8_t* wr = EX ? ex + (n - n0) * a.kp : a.w + n * a.row_bytes;
     const float* sr = a.scales + n * a.ng;
     __m256 facc[MT];
     for (int m = 0; m < MT; ++m) facc[m] = _mm256_setzero_ps();
@@ -214,7 +230,7 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
       __m256i acc[MT];  // int16 pair sums (8-bit: int32)
       for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_si256();
       auto block = [&](int64_t bb) __attribute__((always_inline)) {
-        const __m256i wv = codes32<BITS>(wr + bb * BB);
+        const __m256i wv = EX ? _mm256_loadu_si256((const __m256i*)(wr + bb * 32)) : codes32<BITS>(wr + bb * BB);
         for (int m = 0; m < MT; ++m) {
           const __m256i p = dot16<BITS>(wv, _mm256_loadu_si256((const __m256i*)(xr[m] + bb * 32)));
           if constexpr (BITS == 8)
@@ -267,19 +283,42 @@ void rows_i8(const I8Args& a, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
-template <int BITS>
-void run_i8(const I8Args& a, int64_t M) {
+// From this many rows of x on, codes are expanded once per chunk of W (expand_rows). Measured in one process
+// against the unexpanded loop (docs/cpu.md): 3-bit codes, whose expansion costs the most, gain 1.03-1.15x at
+// M = 6 and 1.3-1.56x at M = 256; 2/4-bit lose up to 12% at M = 8, are mixed at 12-16 and gain 1.03-1.13x at 32.
+constexpr int64_t expand_from_m(int bits) { return bits == 3 ? 6 : 32; }
+
+template <int BITS, bool EX>
+void run_i8_rows(const I8Args& a, int64_t M, int64_t chunk_bytes) {
   // Rows of W in chunks that stay in L2 while every row of x passes over them (M > 4 re-reads W M / 4 times)
-  const int64_t chunk = std::max<int64_t>(16, (int64_t)(96 << 10) / std::max<int64_t>(1, a.row_bytes));
+  const int64_t chunk = std::max<int64_t>(16, (int64_t)(96 << 10) / std::max<int64_t>(1, chunk_bytes));
   at::parallel_for(0, a.N, 16, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<uint8_t> ex_buf;  // per OpenMP thread, kept across calls like the x scratch
+    if constexpr (EX) {
+      const size_t need = (size_t)(std::min(chunk, r1 - r0) * chunk_bytes);
+      if (ex_buf.size() < need) ex_buf.resize(need);
+    }
     for (int64_t n0 = r0; n0 < r1; n0 += chunk) {
       const int64_t n1 = std::min(r1, n0 + chunk);
+      const uint8_t* ex = nullptr;
+      if constexpr (EX) {
+        expand_rows<BITS>(a, n0, n1, ex_buf.data());
+        ex = ex_buf.data();
+      }
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows_i8<BITS, 4>(a, m, n0, n1);
-      for (; m + 2 <= M; m += 2) rows_i8<BITS, 2>(a, m, n0, n1);
-      for (; m < M; ++m) rows_i8<BITS, 1>(a, m, n0, n1);
+      for (; m + 4 <= M; m += 4) rows_i8<BITS, 4, EX>(a, m, n0, n1, ex);
+      for (; m + 2 <= M; m += 2) rows_i8<BITS, 2, EX>(a, m, n0, n1, ex);
+      for (; m < M; ++m) rows_i8<BITS, 1, EX>(a, m, n0, n1, ex);
     }
   });
+}
+
+template <int BITS>
+void run_i8(const I8Args& a, int64_t M) {
+  if constexpr (BITS != 8) {
+    if (M >= expand_from_m(BITS)) return run_i8_rows<BITS, true>(a, M, a.kp);
+  }
+  run_i8_rows<BITS, false>(a, M, a.row_bytes);
 }
 
 // the largest segment in {128, 96, 64, 32} that divides the group (x gets one int8 scale per segment)
