@@ -252,6 +252,17 @@ def test_dispatch_on_cpu(scheme, m, expected, exact):
     assert select(x, pw).name == expected  # the context restores the automatic choice
 
 
+@pytest.mark.parametrize(("k", "m", "expected"), [
+    (2048, 256, "cpu_avx2_i8"), (2048, 257, "cpu_avx2_dq"), (1536, 129, "cpu_avx2_i8"),
+    (1504, 129, "cpu_avx2_dq"), (576, 128, "cpu_avx2_i8"), (576, 129, "cpu_avx2_dq"),
+])
+def test_dispatch_w8_range_depends_on_in_features(k, m, expected):
+    """8-bit keeps the int8 kernel to M = 256 only on layers with K >= 1536 (measured); the memo keys on K."""
+    for kk in (576, 2048, k):  # a memo keyed without K would hand one layer's choice to the next
+        select(torch.randn(m, kk), random_packed(32, kk, "W8", seed=0))
+    assert select(torch.randn(m, k), random_packed(32, k, "W8", seed=0)).name == expected
+
+
 def test_exact_kernels_reach_quant_linear_plans():
     """QuantLinear caches a plan per call shape: entering exact_kernels() must not reuse the int8 plan."""
     pw = random_packed(48, 256, "W4G128", seed=3)

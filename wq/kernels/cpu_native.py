@@ -191,14 +191,16 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 # threads, the 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M,
 # max M). Automatic dispatch takes the highest-priority kernel whose range holds M, so:
 # - cpu_avx2_i8 (int8 activations, priority 25): 2/3/4-bit through M = 512 (1.03x-2.28x dense on every shape
-#   at M = 64-512; 3-bit 1.05x-1.74x since its codes are expanded once per chunk of W; measured no further),
-#   8-bit through 128 (above, its sign trick costs as many instructions as an fp32 FMA and the GEMM route
-#   wins on the 576-wide layers).
+#   at M = 64-512; 3-bit 1.05x-1.74x since its codes are expanded once per chunk of W; measured no further);
+#   8-bit through 256 on layers with K >= 1536 (0.98x-1.26x dense at M = 129-256 on the 1B shapes and
+#   576x1536, where the GEMM route gave 0.93x-1.13x) and through 128 on narrower ones (K = 576: its sign
+#   trick costs as many instructions as fp32 FMAs, and the GEMM route wins at 256: 0.90x-1.05x vs
+#   0.86x-0.97x).
 # - Inside `exact_kernels()` (calibration, eval) it is passed over, and the exact kernels' ranges apply:
 #   cpu_avx2 (fp32 activations, FMA) through M = 16 (8 at 3-bit), above it dequantized tiles into torch's
 #   fp32 GEMM (cpu_avx2_dq), which also takes every M past the int8 kernel's range.
 # aten's int4/int8 ops lose to these at every M here (and round x to bf16): fallback only.
-I8_M = ((2, 1, 512), (3, 1, 512), (4, 1, 512), (8, 1, 128))
+I8_M = ((2, 1, 512), (3, 1, 512), (4, 1, 512), (8, 1, 256, 1536), (8, 1, 128))
 F32_M = ((2, 1, 16), (3, 1, 8), (4, 1, 16), (8, 1, 16))
 DQ_M = ((2, 17, None), (3, 9, None), (4, 17, None), (8, 17, None))
 

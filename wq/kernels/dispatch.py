@@ -47,9 +47,10 @@ class Kernel:
     layout: str | None = None  # kernels naming the same layout share one prepared copy (default: own name)
     needs_g_idx_free: bool = False  # True: cannot run act-order (permuted g_idx) weights
     fmts: frozenset[str] | None = frozenset({"int"})  # weight formats (QuantScheme.fmt); FP8 is "e4m3"/"e5m2"
-    # (bits, min_m, max_m or None) where automatic dispatch picks this kernel, measured per bit width;
-    # when given it replaces min_m/max_m (bits missing from it: only when forced)
-    m_by_bits: tuple[tuple[int, int, int | None], ...] | None = None
+    # (bits, min_m, max_m or None[, min_k]) where automatic dispatch picks this kernel, measured per bit width
+    # (and, with min_k, only for layers with at least min_k input features); the first entry that matches the
+    # bits and in_features wins. When given it replaces min_m/max_m (bits missing from it: only when forced)
+    m_by_bits: tuple[tuple[int, ...], ...] | None = None
     # bind(pw, state) -> run(x, bias): a closure with everything per layer resolved once, for kernels whose
     # per-call Python work matters next to the kernel (CPU decode); default: fn with pw and state bound
     bind: Callable[[PackedWeight, Any], Callable[[Tensor, Tensor | None], Tensor]] | None = None
@@ -63,10 +64,11 @@ class Kernel:
         fn = self.fn
         return lambda x, bias: fn(x, pw, bias, state)
 
-    def m_range(self, bits: int) -> tuple[int, int | None] | None:
+    def m_range(self, bits: int, in_features: int = 0) -> tuple[int, int | None] | None:
         if self.m_by_bits is None:
             return self.min_m, self.max_m
-        return next(((lo, hi) for b, lo, hi in self.m_by_bits if b == bits), None)
+        return next(((e[1], e[2]) for e in self.m_by_bits if e[0] == bits and in_features >= (e[3:] or (0,))[0]),
+                    None)
 
     def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int, *, any_m: bool = False) -> str | None:
         """None if this kernel can run the call, else the reason it cannot (any_m: ignore M ranges)."""
@@ -83,7 +85,7 @@ class Kernel:
             return f"group {s.group_size} unsupported"
         if self.sym is not None and s.sym != self.sym:
             return "asymmetric unsupported" if self.sym else "symmetric unsupported"
-        rng = self.m_range(s.bits)
+        rng = self.m_range(s.bits, pw.in_features)
         if not any_m:
             if rng is None:
                 return f"not picked for {s.bits}-bit (only when forced)"
@@ -171,7 +173,8 @@ def select(x: Tensor, pw: PackedWeight) -> Kernel:
         if reason and name != "reference":
             raise RuntimeError(f"kernel {name!r} was forced (WQ_KERNEL / force_kernel) but cannot run: {reason}")
         return kernel
-    memo_key = (device, dtype, pw.scheme, pw.g_idx is None, m, exact_only(), tuple(map(id, KERNELS._items.values())))
+    memo_key = (device, dtype, pw.scheme, pw.in_features, pw.g_idx is None, m, exact_only(),
+                tuple(map(id, KERNELS._items.values())))
     hit = _memo.get(memo_key)  # a decode step calls select once per layer: keep it off the hot path
     if hit is not None:
         return hit
