@@ -189,7 +189,8 @@ def native_dq_matmul(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: Na
 
 # Where each path wins, measured (docs/cpu.md "Hand-over"; scripts/bench_cpu.py --part layers, 1 and 2
 # threads, the 1B and SmolLM2 shapes, each kernel forced beside the automatic choice), as data: (bits, min M,
-# max M). Automatic dispatch takes the highest-priority kernel whose range holds M, so:
+# max M[, min in_features]), first match wins. Automatic dispatch takes the highest-priority kernel whose range
+# holds M, so:
 # - cpu_avx2_i8 (int8 activations, priority 25): 2/3/4-bit through M = 512 (1.03x-2.28x dense on every shape
 #   at M = 64-512; 3-bit 1.05x-1.74x since its codes are expanded once per chunk of W; measured no further);
 #   8-bit through 256 on layers with K >= 1536 (0.98x-1.26x dense at M = 129-256 on the 1B shapes and

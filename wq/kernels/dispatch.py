@@ -67,8 +67,11 @@ class Kernel:
     def m_range(self, bits: int, in_features: int = 0) -> tuple[int, int | None] | None:
         if self.m_by_bits is None:
             return self.min_m, self.max_m
-        return next(((e[1], e[2]) for e in self.m_by_bits if e[0] == bits and in_features >= (e[3:] or (0,))[0]),
-                    None)
+        for entry in self.m_by_bits:
+            min_k = entry[3] if len(entry) > 3 else 0
+            if entry[0] == bits and in_features >= min_k:
+                return entry[1], entry[2]
+        return None
 
     def why_not(self, device: str, dtype: torch.dtype, pw: PackedWeight, m: int, *, any_m: bool = False) -> str | None:
         """None if this kernel can run the call, else the reason it cannot (any_m: ignore M ranges)."""
