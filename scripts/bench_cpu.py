@@ -1,4 +1,4 @@
-"""CPU inference benchmark: wq's CPU kernels vs dense fp32/bf16 F.linear and a peer, side by side.
+"""CPU inference benchmark: wq's CPU kernels vs dense fp32/bf16 F.linear and the peers, side by side.
 
 Every number is a ratio measured in one process with the candidates interleaved repetition by
 repetition (the machine may be shared); the table shows the median over repetitions of
@@ -10,10 +10,15 @@ dense_time / candidate_time, where "dense" is the faster of fp32 and bf16 in tha
 Parts:
   layers  per-layer matmul for M rows on the default model's shapes and Llama-3.2-1B shapes, each
           scheme through the automatic dispatch and through each CPU kernel that can run it, plus
-          the auto-round torch QuantLinear (the peer installed here) where its shape rules allow.
+          the peers where installed and their shape rules allow: auto-round's torch QuantLinear
+          (`autoround_torch`) and GPTQModel's (`gptqmodel_torch`), both up to --peer-max-m, and
+          auto-round's compiled CPU kernel library (`pip install auto-round-lib`, its "ark" QuantLinear:
+          `autoround_ark`, 2/4/8-bit, K % G == 0). Each peer's output is checked against the reference
+          first; a wrong one is logged and not timed.
   decode  greedy decode tokens/s of the real SmolLM2-135M (RTN-quantized) and of a Llama-1B-shaped
           model with random weights (fewer layers/vocab by default, see flags), dense fp32 and bf16
-          vs each scheme; plus the bytes the weights occupy (parameters, buffers, kernel caches).
+          vs each scheme, and each scheme through the ark peer where it runs (`<scheme>/ark`); plus
+          the bytes the weights occupy (parameters, buffers, kernel caches).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from wq.kernels import KERNELS, force_kernel, select  # noqa: E402
+from wq.kernels.dispatch import exact_kernels  # noqa: E402
+from wq.kernels.reference import reference_matmul  # noqa: E402
 from wq.nn.quant_linear import QuantLinear  # noqa: E402
 from wq.packing import PackedWeight, pack  # noqa: E402
 from wq.scheme import QuantScheme  # noqa: E402
@@ -72,6 +79,79 @@ def peer_autoround(pw: PackedWeight):
     layer.qweight, layer.scales = pw.qweight.clone(), pw.scales.clone()
     layer.qzeros = pack(pw.zeros.to(torch.int32), s.bits, dim=1)  # exact zeros: this class adds no +1
     return layer
+
+
+def peer_ark(pw: PackedWeight):
+    """auto-round-lib's "ark" CPU QuantLinear (compiled kernels, fp32 compute on CPU) with our tensors, or
+    None where it is not installed or cannot take the scheme / shape (3-bit, K % G != 0)."""
+    try:
+        from auto_round_kernel.qlinear import QuantLinear as ArkQuantLinear
+    except ImportError as e:
+        if "ark" not in _warned:
+            _warned.add("ark")
+            log.warning("auto-round-lib (ark) unavailable: %s", e)
+        return None
+    s, k, n = pw.scheme, pw.in_features, pw.out_features
+    if s.bits not in (2, 4, 8) or k % 32 or (s.group_size != -1 and k % s.group_size):
+        return None
+    layer = ArkQuantLinear(s.bits, s.group_size, s.sym, k, n, bias=False, weight_dtype=torch.float32)
+    layer.qweight, layer.scales = pw.qweight.clone(), pw.scales.float()
+    layer.qzeros = pack(pw.zeros.to(torch.int32), s.bits, dim=1)  # exact zeros (its ZP_BIAS is 0)
+    layer.post_init()  # repacks into its own layout
+    return layer
+
+
+def peer_gptqmodel(kind: str):
+    """A builder of GPTQModel's CPU QuantLinear `kind` with our tensors (None where GPTQModel is not installed
+    or the kernel cannot take the scheme / shape): "torch" (`TorchLinear`: dequantizes the weight on every call,
+    that dequantization torch.compile'd, as GPTQModel sets it up), "fused" (`TorchFusedLinear`: 4-bit through
+    aten's int4 CPU op), "int8" (`TorchInt8Linear`: 8-bit through aten's int8 op)."""
+    module, cls_name, bits = {"torch": ("torch", "TorchLinear", (2, 3, 4, 8)),
+                              "fused": ("torch_fused", "TorchFusedLinear", (4,)),
+                              "int8": ("torch_int8", "TorchInt8Linear", (8,))}[kind]
+
+    def build(pw: PackedWeight):
+        try:
+            import importlib
+
+            cls = getattr(importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}"), cls_name)
+        except Exception as e:  # ImportError, or its own import-time checks
+            if f"gptqmodel.{kind}" not in _warned:
+                _warned.add(f"gptqmodel.{kind}")
+                log.warning("GPTQModel %s unavailable: %s", cls_name, e)
+            return None
+        s, k, n = pw.scheme, pw.in_features, pw.out_features
+        if s.bits not in bits or k % 32 or n % 32 or (s.group_size != -1 and k % s.group_size):
+            return None
+        layer = cls(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=False, in_features=k, out_features=n,
+                    bias=False)
+        layer.qweight, layer.scales = pw.qweight.clone(), pw.scales.clone()
+        layer.qzeros = pack(pw.zeros.to(torch.int32), s.bits, dim=1)  # its in-memory zeros are exact (GPTQ v2)
+        layer.g_idx = (torch.arange(k) // (s.group_size if s.group_size != -1 else k)).to(torch.int32)
+        layer.post_init()
+        return layer.eval()
+
+    return build
+
+
+_warned: set[str] = set()
+PEERS = {"autoround_torch": peer_autoround, "autoround_ark": peer_ark, "gptqmodel_torch": peer_gptqmodel("torch"),
+         "gptqmodel_fused": peer_gptqmodel("fused"), "gptqmodel_int8": peer_gptqmodel("int8")}
+SLOW_PEERS = ("autoround_torch", "gptqmodel_torch", "gptqmodel_int8")  # 10-100x behind at M <= 16: timed up to --peer-max-m
+PEER_TOL = 2e-2  # bf16-activation peers (aten int4/int8) err ~0.5%; a wrong result is far above this
+
+
+def guarded(what: str, fn, *args):
+    """fn(*args), or None (logged) when a peer raises: a peer that fails on one shape must not end the run."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        log.warning("%s failed: %s: %s", what, type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e) else "")
+        return None
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
 def timeit(fn, target_s: float = 0.02) -> float:
@@ -114,7 +194,8 @@ def bench_layers(args) -> list[dict]:
                 w16 = w32.bfloat16()
                 packed = {s: random_packed(n, k, s) for s in args.schemes}
                 layers = {s: QuantLinear.from_packed(pw) for s, pw in packed.items()}
-                peers = {s: peer_autoround(pw) for s, pw in packed.items()} if args.peers else {}
+                peers = {(s, name): guarded(f"{name} {s} {n}x{k}", make, pw) for s, pw in packed.items()
+                         for name, make in PEERS.items()} if args.peers else {}
                 states = {}
                 for s, pw in packed.items():
                     for kn in args.kernels:
@@ -125,18 +206,28 @@ def bench_layers(args) -> list[dict]:
                     x32 = torch.randn(m, k)
                     x16 = x32.bfloat16()
                     cands = {"fp32": partial(F.linear, x32, w32), "bf16": partial(F.linear, x16, w16)}
-                    auto = {}
+                    auto, wrong = {}, []
                     for s in args.schemes:
                         cands[f"{s}/auto"] = partial(layers[s], x32)
                         auto[s] = select(x32, packed[s]).name
                         for (s2, kn), (kern, st) in states.items():
                             if s2 == s and not (kn == "cpu_avx2" and m > args.native_max_m):
                                 cands[f"{s}/{kn}"] = partial(kern.fn, x32, packed[s], None, st)
-                        if peers.get(s) is not None and m <= args.peer_max_m:
-                            cands[f"{s}/autoround_torch"] = partial(peers[s], x32)
+                        for name in PEERS:
+                            peer = peers.get((s, name))
+                            if peer is None or (name in SLOW_PEERS and m > args.peer_max_m):
+                                continue
+                            y = guarded(f"{name} {s} {n}x{k} M={m}", peer, x32)
+                            err = float("inf") if y is None else rel_err(y, reference_matmul(x32, packed[s], None))
+                            if err > PEER_TOL:  # timed only when it computes the layer (see docs/cpu.md, Peer)
+                                wrong.append(f"{s}/{name}")
+                                log.warning("%s %s on %dx%d M=%d, %d thread(s): relative error %.2f vs the reference "
+                                            "(inf: it raised); not timed", name, s, n, k, m, threads, err)
+                                continue
+                            cands[f"{s}/{name}"] = partial(peer, x32)
                     res = interleaved(cands, args.reps)
                     row = {"threads": threads, "family": family, "shape": f"{n}x{k}", "m": m, "auto": auto,
-                           "results": res}
+                           "results": res, "peer_wrong": wrong}
                     rows.append(row)
                     best = {s: res[f"{s}/auto"]["x_dense"] for s in args.schemes}
                     print(f"t={threads} {family} {n}x{k} M={m} fp32 {res['fp32']['ms']:.2f}ms "
@@ -218,13 +309,20 @@ def module_bytes(model) -> int:
     return total
 
 
-def swap_random(model, scheme: str) -> None:
-    """Replace every decoder Linear with a QuantLinear holding random codes (timing only)."""
+def swap_random(model, scheme: str, peer=None) -> bool:
+    """Replace every decoder Linear (or QuantLinear) with a QuantLinear holding random codes (timing only), or
+    with the module peer(packed) builds from the same codes (seeded per shape: a copy of a swapped model gets
+    the codes it already holds); False (model unusable) where the peer cannot take a layer."""
     from wq.nn.surgery import set_module
 
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-            set_module(model, name, QuantLinear.from_packed(random_packed(mod.out_features, mod.in_features, scheme)))
+        if isinstance(mod, (torch.nn.Linear, QuantLinear)) and "lm_head" not in name:
+            pw = random_packed(mod.out_features, mod.in_features, scheme)
+            layer = QuantLinear.from_packed(pw) if peer is None else peer(pw)
+            if layer is None:
+                return False
+            set_module(model, name, layer)
+    return True
 
 
 @torch.no_grad()
@@ -260,7 +358,18 @@ def bench_decode(args) -> list[dict]:
         swap_random(q, s)
         q.to(getattr(torch, args.quant_dtype))
         models[s] = q
+        if args.peers:  # the same model (dense parts and codes) through auto-round-lib's ark kernels
+            q = copy.deepcopy(q)
+            if swap_random(q, s, peer=peer_ark):
+                models[f"{s}/ark"] = q
     ids = torch.randint(0, args.llama_vocab, (1, ids.shape[1]))
+    for key in [k for k in models if k.endswith("/ark")]:  # same codes: its logits must match wq's exact path
+        with exact_kernels():
+            ref = models[key.removesuffix("/ark")](ids).logits
+        err = rel_err(models[key](ids).logits, ref)
+        if err > 5e-2:
+            log.warning("%s: logits relative error %.2f vs wq's exact kernels on the same codes; not timed", key, err)
+            del models[key]
     name = f"llama1b-shaped (random, {args.llama_layers} layers, vocab {args.llama_vocab})"
     out.append(_decode_run(name, models, ids, args))
     return out
