@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import statistics
@@ -92,7 +93,7 @@ def peer_ark(pw: PackedWeight):
             log.warning("auto-round-lib (ark) unavailable: %s", e)
         return None
     s, k, n = pw.scheme, pw.in_features, pw.out_features
-    if s.bits not in (2, 4, 8) or k % 32 or (s.group_size != -1 and k % s.group_size):
+    if s.bits not in (2, 4, 8) or k % 32 or n % 32 or (s.group_size != -1 and k % s.group_size):
         return None
     layer = ArkQuantLinear(s.bits, s.group_size, s.sym, k, n, bias=False, weight_dtype=torch.float32)
     layer.qweight, layer.scales = pw.qweight.clone(), pw.scales.float()
@@ -112,8 +113,6 @@ def peer_gptqmodel(kind: str):
 
     def build(pw: PackedWeight):
         try:
-            import importlib
-
             cls = getattr(importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}"), cls_name)
         except Exception as e:  # ImportError, or its own import-time checks
             if f"gptqmodel.{kind}" not in _warned:
@@ -137,7 +136,9 @@ def peer_gptqmodel(kind: str):
 _warned: set[str] = set()
 PEERS = {"autoround_torch": peer_autoround, "autoround_ark": peer_ark, "gptqmodel_torch": peer_gptqmodel("torch"),
          "gptqmodel_fused": peer_gptqmodel("fused"), "gptqmodel_int8": peer_gptqmodel("int8")}
-SLOW_PEERS = ("autoround_torch", "gptqmodel_torch", "gptqmodel_int8")  # 10-100x behind at M <= 16: timed up to --peer-max-m
+# these dequantize the weight per call or fall to a slow aten path: 2.5x-640x behind wq at M <= 16 (docs/cpu.md,
+# "Peers"), so they are timed only up to --peer-max-m
+SLOW_PEERS = ("autoround_torch", "gptqmodel_torch", "gptqmodel_int8")
 PEER_TOL = 2e-2  # bf16-activation peers (aten int4/int8) err ~0.5%; a wrong result is far above this
 
 
@@ -219,7 +220,7 @@ def bench_layers(args) -> list[dict]:
                                 continue
                             y = guarded(f"{name} {s} {n}x{k} M={m}", peer, x32)
                             err = float("inf") if y is None else rel_err(y, reference_matmul(x32, packed[s], None))
-                            if err > PEER_TOL:  # timed only when it computes the layer (see docs/cpu.md, Peer)
+                            if err > PEER_TOL:  # timed only when it computes the layer (see docs/cpu.md, Peers)
                                 wrong.append(f"{s}/{name}")
                                 log.warning("%s %s on %dx%d M=%d, %d thread(s): relative error %.2f vs the reference "
                                             "(inf: it raised); not timed", name, s, n, k, m, threads, err)
