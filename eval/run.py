@@ -36,7 +36,7 @@ from . import models as M
 from .local_tasks import LOCAL_TASKS_VERSION
 from .ppl import clip_seqlen, load_ppl_data, perplexity
 from .report import SCHEMA, build_report, write_report
-from .tasks import expand_tasks, resolve_add_bos, run_tasks
+from .tasks import check_tasks, resolve_add_bos, run_tasks
 
 log = logging.getLogger("eval.run")
 
@@ -149,7 +149,7 @@ def evaluate(
     dt = M.parse_dtype(dtype, dev)
     forward = M.resolve_quant_forward(quant_forward, dev)
     quants = list(quant) if isinstance(quant, list | tuple) else [quant]
-    tasks = expand_tasks(tasks)
+    tasks = check_tasks(tasks, local_docs)  # unknown names fail here, before any model runs
     base_path = M.resolve(baseline)
     tok = tokenizer or AutoTokenizer.from_pretrained(base_path, revision=revision)
     seqlen = clip_seqlen(AutoConfig.from_pretrained(base_path, revision=revision), seqlen)
@@ -261,6 +261,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = args.out or os.path.join(args.quant[0], "eval")
+    try:
+        check_tasks(args.tasks or (), args.local_docs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = evaluate(
         args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
         tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -111,6 +112,32 @@ def _task_manager(include: str | None, include_defaults: bool):
     return TaskManager(include_path=include, include_defaults=include_defaults)
 
 
+def _manager_for(names: list[str], n_local_docs: int):
+    include = str(build_local_tasks(n_docs=n_local_docs)) if any(t in LOCAL_TASKS for t in names) else None
+    return include, _task_manager(include, include_defaults=any(t not in LOCAL_TASKS for t in names))
+
+
+def check_tasks(tasks, n_local_docs: int = 500) -> list[str]:
+    """The expanded task list, or a ValueError naming each unknown task (with close matches) before any model
+    is evaluated: lm-eval itself only fails when it reaches the tasks, after the perplexity runs."""
+    import difflib
+
+    names = expand_tasks(tasks)
+    if not names:
+        return names
+    _, tm = _manager_for(names, n_local_docs)
+    known = set(tm.all_tasks)
+    unknown = [t for t in names if t not in known and not Path(t).is_file()]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, list(PRESETS) + sorted(known), n=3)
+            hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ValueError(f"unknown lm-eval task(s): {'; '.join(hints)}. Give lm-eval task names, a task YAML, or a "
+                         f"preset ({', '.join(PRESETS)}); leave --eval-tasks out for perplexity only")
+    return names
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -132,8 +159,7 @@ def run_tasks(
     names = expand_tasks(tasks)
     if not names:
         return {"tasks": {}, "settings": {}}
-    include = str(build_local_tasks(n_docs=n_local_docs)) if any(t in LOCAL_TASKS for t in names) else None
-    tm = _task_manager(include, include_defaults=any(t not in LOCAL_TASKS for t in names))
+    include, tm = _manager_for(names, n_local_docs)
     bos = resolve_add_bos(tokenizer, add_bos)
     lm = _make_lm(model, tokenizer, batch_size=batch_size, add_bos=bos, max_length=max_length,
                   rank=rank, world_size=world_size)

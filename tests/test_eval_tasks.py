@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from eval_helpers import real_model_fp32, tiny_llama, tokenizer  # noqa: F401  (fixtures)
 
 from eval import local_tasks, tasks
@@ -65,3 +66,37 @@ def test_real_model_beats_chance_on_local_tasks(real_model_fp32, tokenizer):  # 
     assert 0 <= cont["acc"] <= 1 and 0 <= cont["acc_norm"] <= 1 and cont["n"] == 12
     assert lw["acc"] > 0  # a real model gets some last words exactly right
     assert lw["perplexity"] < 2000
+
+
+def test_unknown_task_fails_before_any_model_runs(monkeypatch):
+    """A misspelt task is a ValueError with a suggestion up front, not lm-eval's KeyError after the perplexity
+    runs (the lm-eval index is replaced by a small fake: indexing its ~14k YAMLs takes a minute here)."""
+
+    class FakeManager:
+        all_tasks = ["arc_easy", "hellaswag", "piqa", *local_tasks.LOCAL_TASKS]
+
+    monkeypatch.setattr(tasks, "_task_manager", lambda include, include_defaults: FakeManager())
+    assert tasks.check_tasks(["austen", "piqa"], n_local_docs=5) == [*local_tasks.LOCAL_TASKS, "piqa"]
+    with pytest.raises(ValueError, match=r"'hellaswg' \(did you mean hellaswag\?\).*preset"):
+        tasks.check_tasks(["piqa,hellaswg"], n_local_docs=5)
+    from eval import run
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a model was loaded before the task names were checked")
+
+    monkeypatch.setattr(run.M, "resolve", must_not_load)
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        run.evaluate("unused", tasks=["no_such_task"])
+
+
+def test_quantize_cli_checks_eval_tasks_before_quantizing(monkeypatch, tmp_path, capsys):
+    import wq.quantize as Q
+
+    class FakeManager:
+        all_tasks = ["hellaswag", *local_tasks.LOCAL_TASKS]
+
+    monkeypatch.setattr(tasks, "_task_manager", lambda include, include_defaults: FakeManager())
+    monkeypatch.setattr(Q, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized first")))
+    rc = Q.main(["--scheme", "W4G128", "-o", str(tmp_path / "out"), "--eval", "--eval-tasks", "hellaswg"])
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert "did you mean hellaswag" in capsys.readouterr().err

@@ -273,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = config_from_argv(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if cfg.eval and cfg.eval_tasks:  # a misspelt task fails now, not after the quantization and perplexity
+            from eval.tasks import check_tasks
+
+            try:
+                check_tasks(cfg.eval_tasks)
+            except ValueError as e:
+                raise UserError(f"--eval-tasks: {e}") from None
         result = run(cfg, progress=args.progress)
     except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
