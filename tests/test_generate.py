@@ -29,9 +29,22 @@ def test_generate_runs_compact_checkpoint(tmp_path, real_tokenizer, capsys, monk
     med = generate.main([str(tmp_path / "q"), "--baseline", "none", "--tokens", "3", "--reps", "1", "--prompt", "Hi"])
     (name, tps), = med.items()
     assert name.startswith("W4G32") and tps > 0
-    assert "tokens/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokens/s" in out
+    assert "note: lm_head" in out  # a 49152-word dense head is most of this tiny model
     qls = [m for m in loaded[0].modules() if isinstance(m, QuantLinear)]
     assert qls and all(m.qweight.is_meta for m in qls)  # compact: only the kernel layout is kept
     with torch.no_grad():
         ids = torch.tensor([[1, 2, 3]])
         assert torch.equal(loaded[0](ids).logits, real_load(tmp_path / "q")(ids).logits)
+
+
+def test_lm_head_note_only_for_a_large_dense_head():
+    model = make_tiny_llama(vocab=4096)
+    wq.quantize_model(model, "W4G32", progress=False)
+    assert "lm_head" in generate.lm_head_note(model)
+    assert generate.lm_head_note(model, min_share=0.99) is None  # a small share: no note
+    quantized_head = make_tiny_llama(vocab=4096)
+    wq.quantize_model(quantized_head, "W4G32", override={"lm_head": "W8G32"}, progress=False)
+    assert isinstance(quantized_head.get_output_embeddings(), QuantLinear)
+    assert generate.lm_head_note(quantized_head) is None
