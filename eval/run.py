@@ -36,7 +36,7 @@ from . import models as M
 from .local_tasks import LOCAL_TASKS_VERSION
 from .ppl import clip_seqlen, load_ppl_data, perplexity
 from .report import SCHEMA, build_report, write_report
-from .tasks import check_tasks, resolve_add_bos, run_tasks
+from .tasks import UnknownTaskError, check_tasks, resolve_add_bos, run_tasks
 
 log = logging.getLogger("eval.run")
 
@@ -261,19 +261,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = args.out or os.path.join(args.quant[0], "eval")
-    try:
-        check_tasks(args.tasks or (), args.local_docs)
-    except ValueError as e:
+    try:  # evaluate() checks the task names before it loads anything
+        report = evaluate(
+            args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
+            tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
+            batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
+            device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
+            num_fewshot=args.num_fewshot, local_docs=args.local_docs,
+            revision=args.revision, cache=not args.no_cache, out=out,
+        )
+    except UnknownTaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = evaluate(
-        args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
-        tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
-        batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
-        device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
-        num_fewshot=args.num_fewshot, local_docs=args.local_docs,
-        revision=args.revision, cache=not args.no_cache, out=out,
-    )
     if report is not None:
         print((Path(out) / "report.md").read_text())
     return 0

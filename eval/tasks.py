@@ -117,8 +117,12 @@ def _manager_for(names: list[str], n_local_docs: int):
     return include, _task_manager(include, include_defaults=any(t not in LOCAL_TASKS for t in names))
 
 
+class UnknownTaskError(ValueError):
+    """A task name neither lm-eval nor the presets know (the message lists close matches)."""
+
+
 def check_tasks(tasks, n_local_docs: int = 500) -> list[str]:
-    """The expanded task list, or a ValueError naming each unknown task (with close matches) before any model
+    """The expanded task list, or an UnknownTaskError naming each unknown task (with close matches) before any model
     is evaluated: lm-eval itself only fails when it reaches the tasks, after the perplexity runs."""
     import difflib
 
@@ -133,8 +137,8 @@ def check_tasks(tasks, n_local_docs: int = 500) -> list[str]:
         for t in unknown:
             close = difflib.get_close_matches(t, list(PRESETS) + sorted(known), n=3)
             hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(f"unknown lm-eval task(s): {'; '.join(hints)}. Give lm-eval task names, a task YAML, or a "
-                         f"preset ({', '.join(PRESETS)}); leave --eval-tasks out for perplexity only")
+        raise UnknownTaskError(f"unknown lm-eval task(s): {'; '.join(hints)}. Give lm-eval task names, a task YAML, or a "
+                         f"preset ({', '.join(PRESETS)}); give none for perplexity only")
     return names
 
 

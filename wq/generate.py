@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def lm_head_note(model, min_share: float = 0.1) -> str | None:
     """A hint when the output projection is dense and a large share of the weights: every decode step reads all
     of it, and on CPU it then costs more than the quantized layers (SmolLM2-135M: 21% of the matmul weights; with
-    it at W8G128, decode went from 1.13-1.15x to 1.55-1.59x dense for +0.2% perplexity, docs/cpu.md)."""
+    it at W8G128, decode went from 1.13-1.15x to 1.55-1.59x dense for +0.25% perplexity, docs/cpu.md)."""
     from .nn import QuantLinear
 
     head = model.get_output_embeddings()
@@ -36,9 +36,8 @@ def lm_head_note(model, min_share: float = 0.1) -> str | None:
     if share < min_share:
         return None
     return (f"note: lm_head ({head.out_features}x{head.in_features}, {share:.0%} of the matmul weights) is not "
-            f"quantized and every token reads "
-            f"it; quantizing it with `--override lm_head=W8G128` makes CPU decode faster at about no quality cost "
-            f"(docs/cpu.md, 'lm_head')")
+            "quantized and every token reads it; quantizing it with `--override lm_head=W8G128` makes CPU decode "
+            "faster at about no quality cost (docs/cpu.md, 'lm_head')")
 
 
 def _decode(model, ids, tokens: int) -> tuple[torch.Tensor, float]:

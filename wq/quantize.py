@@ -274,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if cfg.eval and cfg.eval_tasks:  # a misspelt task fails now, not after the quantization and perplexity
-            from eval.tasks import check_tasks
+            from eval.tasks import UnknownTaskError, check_tasks
 
             try:
                 check_tasks(cfg.eval_tasks)
-            except ValueError as e:
+            except UnknownTaskError as e:
                 raise UserError(f"--eval-tasks: {e}") from None
         result = run(cfg, progress=args.progress)
     except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
