@@ -148,9 +148,12 @@ def model_bytes(model) -> int:
 
 
 def summary_table(report, before: int, after: int, total_seconds: float, out_dirs) -> str:
+    cov = report.coverage or {}
     rows = [
         ("scheme / algorithm", f"{report.scheme} / {report.algo}"),
         ("layers quantized", str(len(report.layers))),
+        ("weights quantized", f"{cov.get('blocks_share', 1.0):.1%} of the decoder blocks', "
+                              f"{cov.get('model_share', 1.0):.1%} of the model's (embeddings/head included)"),
         ("layers skipped", f"{len(report.skipped)}" + (f" ({', '.join(list(report.skipped)[:3])}"
                                                        f"{', ...' if len(report.skipped) > 3 else ''})"
                                                        if report.skipped else "")),
@@ -165,7 +168,17 @@ def summary_table(report, before: int, after: int, total_seconds: float, out_dir
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    table = "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    if cov:
+        from .nn.coverage import KINDS
+
+        by_kind = [f"  {k}: {cov[k]['quantized']:,} quantized, {cov[k]['kept']:,} kept" for k in KINDS
+                   if cov.get(k) and cov[k]["quantized"] + cov[k]["kept"]]
+        table += "\nweights by kind (matrix elements):\n" + "\n".join(by_kind)
+        if cov.get("blocks_share", 1.0) < 0.99:
+            table += (f"\nWARNING: {1 - cov['blocks_share']:.1%} of the decoder blocks' weights are NOT quantized "
+                      f"(see wq.json coverage.kept_in_blocks; --strict makes this an error)")
+    return table
 
 
 def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
@@ -183,7 +196,8 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     calib = cfg.calib
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
-        device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
+        device=device if device != "cpu" else None, progress=progress, strict=cfg.strict, **_calib_args(cfg),
+        **cfg.algo_args(),
     )
     after = model_bytes(model)
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
@@ -267,6 +281,7 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .api import CoverageError
     from .scheme import SchemeError
 
     try:
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             except UnknownTaskError as e:
                 raise UserError(f"--eval-tasks: {e}") from None
         result = run(cfg, progress=args.progress)
-    except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, SchemeError, FileExistsError, FileNotFoundError, CoverageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,9 @@ called by wq.api.quantize_model when `algorithm.needs_calibration`. Steps:
    `clear_checkpoint(output)` removes the directory once the model is saved.
 
 Settings come from `algorithm.settings` (quantize_model's **algo_args; the CLI passes them):
-    nsamples=128, seqlen=2048, seed=0, batch_size=8, low_mem=False, resume=False, output=None
+    nsamples=128, seqlen=2048, seed=0, batch_size=8, low_mem=False, resume=False, output=None,
+    expert_min_tokens=128 (an MoE expert the router sent fewer tokens gets the all-token Hessian),
+    hessian_budget=4 GiB (a block's Hessians beyond it are accumulated in several passes)
 
 Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
 
@@ -31,9 +33,10 @@ Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
       quantize_weight(w: Tensor [out, in] fp32, scheme: QuantScheme, *, H: Tensor [in, in] fp32)
           -> QuantResult
   H = 2/n * sum_x x^T x over the n token rows x [in] that reached this Linear in the unquantized
-  block (forward hooks, all of the block's Linears observed in one pass; Linears fed the same tensor,
-  q/k/v and gate/up, share one H object: never modify H in place). The pipeline shows
-  `result.stats["loss"]` (else `result.error`) per Linear.
+  block (forward hooks; Linears fed the same tensor, q/k/v and gate/up, share one H object: never
+  modify H in place), summed over the ranks. A MoE expert's Linears (QuantExperts: one nn.Linear per
+  expert projection during calibration) see only the tokens routed to that expert. The pipeline
+  shows `result.stats["loss"]` (else `result.error`) per Linear.
 
 - granularity = "block" (autoround):
       quantize_block(block: nn.Module, plan: dict[str, QuantScheme], inputs: list[Tensor],
@@ -54,6 +57,7 @@ Algorithm interface (wq.algorithms.base.Algorithm), by `granularity`:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -69,15 +73,16 @@ from tqdm.auto import tqdm
 
 from ..algorithms.rtn import rtn_quantize
 from ..kernels.dispatch import exact_kernels
-from ..nn import QuantLinear, set_module
+from ..nn import QuantExperts, QuantLinear, set_module
 from ..scheme import QuantScheme
 from .data import calibration_samples
 
 log = logging.getLogger(__name__)
 
 CALIB_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "seed": 0, "batch_size": 8, "low_mem": False,
-                  "resume": False, "output": None}
-_NOT_ALGO = set(CALIB_DEFAULTS) - {"seed"}  # settings that do not change the result (resume/output/...)
+                  "resume": False, "output": None, "expert_min_tokens": 128, "hessian_budget": 4 * 1024**3}
+# settings that do not change the result (resume/output/...): left out of the resume fingerprint
+_NOT_ALGO = set(CALIB_DEFAULTS) - {"seed", "expert_min_tokens"}
 
 
 class _StopForward(Exception):
@@ -150,9 +155,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, prefix: str, b
     kwargs: list[dict] = []
 
     def hook(module, args, kw):
-        if len(args) > 1:
-            raise NotImplementedError(f"{prefix}.0 is called with {len(args)} positional arguments; wq.calib "
-                                      f"supports blocks called as block(hidden_states, **kwargs)")
+        if len(args) > 1:  # e.g. GPT-2: block(hidden, past_key_values, cache_position, attention_mask, ...)
+            names = list(inspect.signature(module.forward).parameters)[1:]
+            if len(names) < len(args) - 1 or any(n in kw for n in names[: len(args) - 1]):
+                raise NotImplementedError(f"{prefix}.0 is called with {len(args)} positional arguments that do not "
+                                          f"map onto its signature; wq.calib replays blocks as block(hidden, **kwargs)")
+            kw = {**kw, **dict(zip(names, args[1:]))}
         x = args[0] if args else kw.pop("hidden_states")
         inputs.append(x.detach().float().to(store))
         kw = {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
@@ -335,7 +343,9 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         _cast_float(block, torch.float32)
         before = {rel: block.get_submodule(rel) for rel in names}
         if granularity == "layer":
-            results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev)
+            results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev,
+                                                min_tokens=int(s["expert_min_tokens"]),
+                                                budget=int(s["hessian_budget"]))
         else:
             with torch.no_grad():  # the unquantized block on the full-precision stream
                 targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
@@ -396,10 +406,73 @@ def _plain(stats: dict) -> dict:
     return {k: (float(v) if isinstance(v, Tensor) else v) for k, v in stats.items()}
 
 
+def _hessian_groups(block: nn.Module, names: dict[str, QuantScheme], budget: int) -> list[dict[str, QuantScheme]]:
+    """Split the block's Linears into groups whose Hessians fit in `budget` bytes (one calibration pass
+    each). Linears of one parent module stay together (q/k/v, an expert's gate/up share one input)."""
+    parents: dict[str, dict[str, QuantScheme]] = {}
+    for rel, scheme in names.items():
+        parents.setdefault(rel.rpartition(".")[0], {})[rel] = scheme
+    groups: list[dict[str, QuantScheme]] = [{}]
+    used = 0
+    for members in parents.values():
+        need = sum(block.get_submodule(rel).in_features ** 2 * 4 for rel in members)  # upper bound: none shared
+        if groups[-1] and used + need > budget:
+            groups.append({})
+            used = 0
+        groups[-1].update(members)
+        used += need
+    return groups
+
+
+def _experts_of(block: nn.Module, rels) -> dict[str, QuantExperts]:
+    """{relative path: QuantExperts} for the experts modules holding any of `rels`."""
+    out = {}
+    for rel in rels:
+        path = rel.rsplit(".", 2)[0] if rel.count(".") >= 2 else ""
+        if path and path not in out:
+            mod = block.get_submodule(path)
+            if isinstance(mod, QuantExperts):
+                out[path] = mod
+    return out
+
+
 @torch.no_grad()
 def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm, hidden: list[Tensor],
-                     kwargs: list[dict], dev: torch.device):
-    """Layer granularity: accumulate each Linear's Hessian over the calibration batches, then quantize."""
+                     kwargs: list[dict], dev: torch.device, *, min_tokens: int = 128,
+                     budget: int = 4 * 1024**3):
+    """Layer granularity: accumulate each Linear's Hessian over the calibration batches, then quantize.
+
+    MoE experts: each expert's Linears see only the tokens the router sends them. An expert that got
+    fewer than `min_tokens` tokens (summed over ranks) is quantized with the Hessian of every token
+    instead (gate/up: the experts module's input; down: that expert's activation of every token, one
+    more pass), named in its stats. Linears are taken in groups whose Hessians fit in `budget` bytes.
+    """
+    results, seconds = {}, {}
+    for group in _hessian_groups(block, names, budget):
+        H, count, alias = _accumulate(block, group, hidden, kwargs, dev)
+        fallback = _expert_fallbacks(block, group, H, count, alias, hidden, kwargs, dev, min_tokens)
+        for rel, scheme in group.items():
+            if rel not in alias and rel not in fallback:
+                raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
+            t = time.perf_counter()
+            hess, note = fallback.get(rel, (None, None))
+            if hess is None:
+                hess = H[alias[rel]]  # [in, in]; algorithms must not modify it in place (it may be shared)
+            w = block.get_submodule(rel).weight.detach().float()  # [out, in]
+            res = algorithm.quantize_weight(w, scheme, H=hess)
+            if rel in alias or note:
+                res.stats["tokens"] = count.get(alias.get(rel), 0)
+            if note:
+                res.stats["hessian"] = note
+            results[rel] = res
+            seconds[rel] = time.perf_counter() - t
+        del H
+    return results, seconds
+
+
+def _accumulate(block: nn.Module, names: dict[str, QuantScheme], hidden: list[Tensor], kwargs: list[dict],
+                dev: torch.device):
+    """One pass over the calibration batches: H[owner] = 2/n sum x^T x (summed over ranks), n, aliases."""
     H: dict[str, Tensor] = {}  # one accumulator per distinct input: q/k/v (and gate/up) share theirs
     count: dict[str, int] = {}
     alias: dict[str, str] = {}  # Linear -> the Linear whose accumulator holds its input
@@ -430,15 +503,95 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
     finally:
         for hd in handles:
             hd.remove()
+        last.clear()
+    _reduce_over_ranks(block, H, count, alias)
     for rel in list(H):
-        H[rel].mul_(2.0 / count[rel])  # [in, in]
-    results, seconds = {}, {}
-    for rel, scheme in names.items():
-        if rel not in alias:
-            raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
-        t = time.perf_counter()
-        hess = H[alias[rel]]  # [in, in]; algorithms must not modify it in place (it may be shared)
-        w = block.get_submodule(rel).weight.detach().float()  # [out, in]
-        results[rel] = algorithm.quantize_weight(w, scheme, H=hess)
-        seconds[rel] = time.perf_counter() - t
-    return results, seconds
+        if count[rel]:
+            H[rel].mul_(2.0 / count[rel])  # [in, in]
+    return H, count, alias
+
+
+def _reduce_over_ranks(block: nn.Module, H: dict[str, Tensor], count: dict[str, int], alias: dict[str, str]) -> None:
+    """Sum Hessians and token counts over the ranks (each rank calibrated on its share of the samples).
+    Which Linears share an input is structural, but a rank that routed no token to an expert never saw
+    its Linears: the aliases are merged over the ranks first, so every rank reduces the same tensors in
+    the same order (a missing accumulator joins as zeros)."""
+    from .distributed import all_reduce_sum_, rank_world
+
+    world = rank_world()[1]
+    if world == 1:
+        return
+    maps: list[dict] = [{} for _ in range(world)]
+    torch.distributed.all_gather_object(maps, dict(alias))
+    for m in maps:
+        for rel, owner in m.items():
+            alias.setdefault(rel, owner)
+    for owner in sorted(set(alias.values())):
+        if owner not in H:
+            k = block.get_submodule(owner).in_features
+            H[owner] = torch.zeros(k, k, device=next(iter(H.values())).device if H else None)
+            count[owner] = 0
+        n = torch.tensor([float(count[owner])], dtype=torch.float64)
+        all_reduce_sum_(n)
+        count[owner] = int(n.item())
+        all_reduce_sum_(H[owner])
+
+
+def _expert_fallbacks(block, names, H, count, alias, hidden, kwargs, dev, min_tokens: int) -> dict:
+    """{rel: (Hessian, note)} for expert Linears that saw fewer than `min_tokens` tokens."""
+    experts = _experts_of(block, names)
+    if not experts:
+        return {}
+    low = [rel for rel in names if rel.rsplit(".", 2)[0] in experts and count.get(alias.get(rel), 0) < min_tokens]
+    if not low:
+        return {}
+    # one more pass: every token's input to each experts module (for gate/up), and each low expert's
+    # down_proj input computed from every token (the activation it would see if routed everything)
+    want_down = {(rel.rsplit(".", 2)[0], int(rel.rsplit(".", 2)[1])) for rel in low if rel.endswith("down_proj")}
+    acc: dict[tuple, list] = {}
+
+    def add(key, x):
+        x = x.reshape(-1, x.shape[-1]).float()
+        if key not in acc:
+            acc[key] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0]
+        acc[key][0].addmm_(x.t(), x)
+        acc[key][1] += x.shape[0]
+
+    def make_hook(path, mod):
+        def hook(module, args, kw):
+            x = args[0] if args else kw["hidden_states"]  # [T, H] (dense protocol: [E*T, H])
+            if mod.layout.protocol == "dense":
+                x = x.view(mod.num_experts, -1, x.shape[-1])
+            flat = x.reshape(-1, x.shape[-1])
+            if mod.layout.protocol == "dense":  # rows not routed to an expert are zero there: not tokens
+                flat = flat[flat.abs().amax(-1) > 0]
+            add((path, None), flat)
+            for p, e in want_down:
+                if p == path:
+                    add((path, e), mod.down_input(e, x[e] if mod.layout.protocol == "dense" else x))
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(path, mod), with_kwargs=True) for path, mod in experts.items()]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            block(h.to(dev), **kw)
+    finally:
+        for hd in handles:
+            hd.remove()
+    from .distributed import all_reduce_sum_
+
+    out = {}
+    for key in sorted(acc, key=str):
+        Hk, n = acc[key]
+        nt = torch.tensor([float(n)], dtype=torch.float64)
+        all_reduce_sum_(nt)
+        all_reduce_sum_(Hk)
+        acc[key] = [Hk.mul_(2.0 / max(nt.item(), 1)), int(nt.item())]
+    for rel in low:
+        path, e, proj = rel.rsplit(".", 2)
+        seen = count.get(alias.get(rel), 0)
+        Hk, n = acc[(path, int(e))] if proj == "down_proj" else acc[(path, None)]
+        out[rel] = (Hk, f"all {n} tokens (the router sent this expert {seen} < {min_tokens})")
+        log.info("%s: the router sent it %d tokens (< %d); using the Hessian of all %d tokens", rel, seen,
+                 min_tokens, n)
+    return out
