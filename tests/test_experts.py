@@ -218,3 +218,11 @@ def test_experts_run_on_cpu_kernels_like_the_reference(monkeypatch):
         fast = model(ids).logits
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+
+
+def test_low_bit_experts_are_flagged_for_servers(tmp_path):
+    model = zoo.build("qwen3_moe")
+    wq.quantize_model(model, "W4G32", override=["experts=W2G32"], progress=False)
+    wq.save(model, tmp_path / "q", format="wq")
+    who = json.loads((tmp_path / "q" / "wq.json").read_text())["consumers"]
+    assert who["wq.load"] is None and "4/8-bit experts" in who["vllm"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
+from .formats.moe import moe_serving_reason
 from .fp8 import FP8_DTYPES
 from .nn import QuantExperts, QuantLinear, linear_shape, set_module
 from .nn import compact as compact_layers
@@ -140,6 +141,12 @@ def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> Non
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {n: m.packed for n, m in qmods.items()}
     options = fmt.prepare(packed)
+    moe = moe_serving_reason(packed)
+    if moe:
+        who = options.setdefault("consumers", {"wq.load": None})
+        for server in ("vllm", "sglang"):
+            who[server] = f"{who[server]}; {moe}" if who.get(server) else moe
+        log.warning("%s export will NOT be served by vLLM/SGLang: %s", fmt.name, moe)
     names = HubNames(model)  # module names -> the original checkpoint's (per-expert MoE names, renamings)
     unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     quant = {**quant, "layers": {names.hub_module(n): s for n, s in quant["layers"].items()},
