@@ -127,25 +127,27 @@ def quantize_model(
 
 
 def _quantize_data_free(model, plan, algorithm, report: QuantReport, *, device, progress: bool) -> None:
-    dev = torch.device(device) if device else None
     bar = tqdm(plan.items(), desc=f"{algorithm.name} {report.scheme}", unit="layer", disable=not progress)
     for name, scheme in bar:
-        linear = model.get_submodule(name)
-        t = time.perf_counter()
-        w = linear.weight.detach()
-        home = w.device
-        if scheme.is_fp8:
-            result = fp8_result(w.to(dev) if dev else w, scheme, name=name)
-        else:
-            result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
-        qlinear = QuantLinear.from_packed(result.packed.to(home), linear.bias)
-        set_module(model, name, qlinear)
-        report.layers[name] = LayerReport(
-            scheme=str(scheme), error=result.error, seconds=time.perf_counter() - t,
-            bytes_before=w.numel() * w.element_size() + _bias_bytes(linear),
-            bytes_after=result.packed.nbytes() + _bias_bytes(linear), stats=result.stats,
-        )
-        bar.set_postfix(layer=name.split(".")[-1], err=f"{result.error:.4f}")
+        report.layers[name] = quantize_linear_in_place(model, name, scheme, algorithm, device)
+        bar.set_postfix(layer=name.split(".")[-1], err=f"{report.layers[name].error:.4f}")
+
+
+def quantize_linear_in_place(model: nn.Module, name: str, scheme: QuantScheme, algorithm, device=None) -> LayerReport:
+    """Quantize one nn.Linear with a data-free algorithm (or an FP8 cast) and swap in its QuantLinear."""
+    dev = torch.device(device) if device else None
+    linear = model.get_submodule(name)
+    t = time.perf_counter()
+    w = linear.weight.detach()
+    home = w.device
+    if scheme.is_fp8:
+        result = fp8_result(w.to(dev) if dev else w, scheme, name=name)
+    else:
+        result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
+    set_module(model, name, QuantLinear.from_packed(result.packed.to(home), linear.bias))
+    return LayerReport(scheme=str(scheme), error=result.error, seconds=time.perf_counter() - t,
+                       bytes_before=w.numel() * w.element_size() + _bias_bytes(linear),
+                       bytes_after=result.packed.nbytes() + _bias_bytes(linear), stats=result.stats)
 
 
 def _bias_bytes(linear: nn.Module) -> int:

@@ -57,6 +57,10 @@ class QuantConfig:
     seed: int = _f(0, "random seed for sample selection and algorithms")
     batch_size: int = _f(8, "calibration batch size")
     low_mem: bool = _f(False, "keep calibration activations on CPU between blocks")
+    stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "
+                      "on disk, so memory does not grow with the model; --no-stream loads it whole first")
+    hessian_budget: float = _f(4.0, "gptq: GiB of Hessians held at once; a block needing more is calibrated in "
+                               "several passes (same result)")
     resume: bool = _f(False, "continue an interrupted calibrated run from its last finished block")
     # algorithm settings
     damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")

@@ -14,23 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
-from .formats.moe import moe_serving_reason
 from .fp8 import FP8_DTYPES
 from .nn import QuantExperts, QuantLinear, linear_shape, set_module
 from .nn import compact as compact_layers
@@ -38,11 +35,11 @@ from .nn.experts import find_fused_experts, fused_layout
 from .nn.hub_names import HubNames
 from .packing import PackedWeight
 from .scheme import QuantScheme
+from .writing.checkpoint import WQ_JSON, FormatWriter, versions, wq_meta  # noqa: F401  (re-exported)
+from .writing.shards import MAX_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
 
-WQ_JSON = "wq.json"
-MAX_SHARD_BYTES = 4 * 1024**3
 
 
 def default_format(scheme: QuantScheme | str) -> str:
@@ -57,15 +54,6 @@ def default_format(scheme: QuantScheme | str) -> str:
     if s.is_int and s.sym and s.bits in (4, 8):
         return "gptq"
     return "compressed-tensors" if "compressed-tensors" in FORMATS else "wq"
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"wq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 @contextmanager
@@ -85,14 +73,6 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def wq_meta(quant: dict, config: Any, **fields) -> dict:
-    """The common part of wq.json: scheme, algorithm, recipe, versions, report, creation time."""
-    return {"scheme": quant["scheme"], "algo": quant["algo"],
-            "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
-            "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **fields}
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -140,44 +120,13 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
 def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> None:
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {n: m.packed for n, m in qmods.items()}
-    options = fmt.prepare(packed)
-    moe = moe_serving_reason(packed)
-    if moe:
-        who = options.setdefault("consumers", {"wq.load": None})
-        for server in ("vllm", "sglang"):
-            who[server] = f"{who[server]}; {moe}" if who.get(server) else moe
-        log.warning("%s export will NOT be served by vLLM/SGLang: %s", fmt.name, moe)
-    names = HubNames(model)  # module names -> the original checkpoint's (per-expert MoE names, renamings)
-    unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    quant = {**quant, "layers": {names.hub_module(n): s for n, s in quant["layers"].items()},
-             "unquantized": [names.hub_module(n) for n in unquantized]}
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in qmods:
-            continue
-        state[key] = tensor
-    for name, pw in packed.items():
-        for suffix, t in fmt.layer_tensors(pw, options).items():
-            state[f"{name}.{suffix}"] = t
-        if qmods[name].bias is not None:
-            state[f"{name}.bias"] = qmods[name].bias
-    state = _drop_tied(model, state)
-    state = {names.to_hub(k): t for k, t in state.items()}
-    _write_shards(state, target)
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = fmt.quantization_config(quant, options)
-    (target / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    if getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config.save_pretrained(target)
-        except Exception as e:  # a bad generation config must not lose the checkpoint
-            log.warning("generation_config not saved: %s", e)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
-    meta = {"format": fmt.name, **wq_meta(quant, config, layers=quant["layers"], coverage=quant.get("coverage"),
-                                          consumers=options.get("consumers")), **(extra or {})}
-    (target / WQ_JSON).write_text(json.dumps(meta, indent=2, default=str))
+    writer = FormatWriter(target, fmt, HubNames(model), packed)
+    state = {k: t for k, t in model.state_dict().items() if k.rpartition(".")[0] not in qmods}
+    writer.add(_drop_tied(model, state), packed, {n: m.bias for n, m in qmods.items() if m.bias is not None})
+    writer.finish(model.config.to_dict(), quant,
+                  unquantized=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+                  tokenizer=tokenizer, generation_config=getattr(model, "generation_config", None), recipe=config,
+                  extra=extra)
 
 
 def _drop_tied(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,26 +144,9 @@ def _drop_tied(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _write_shards(state: dict[str, torch.Tensor], target: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t.detach().contiguous().cpu()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(target / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(target / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    writer = ShardWriter(target, max_bytes)
+    writer.add_many(state)
+    writer.close()
 
 
 # ------------------------------------------------------------------------------------------ load

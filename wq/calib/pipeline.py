@@ -167,20 +167,32 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, prefix: str, b
         kwargs.append(_to(kw, device, torch.float32))
         raise _StopForward
 
-    # everything outside the blocks visits the device in fp32; the original tensors are put back after
+    # the modules that run before the first block (embeddings, rotary tables) visit the device, in fp32 except
+    # embedding tables (a lookup is exact in any dtype, and an fp32 copy of a 128k-row table costs gigabytes);
+    # modules the forward never reaches (final norm, head) are never copied. Originals are put back after.
     saved = []
     seen = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}  # blocks stay put
-    for mod in model.modules():
+
+    def visit(mod, args, kw):
+        keep_dtype = isinstance(mod, nn.Embedding)
         for p in list(mod._parameters.values()):
             if p is not None and id(p) not in seen:  # tied weights appear twice: move once
                 seen.add(id(p))
                 saved.append((p, p.data))
-                p.data = p.data.to(device, torch.float32 if p.is_floating_point() else None)
+                p.data = p.data.to(device, None if keep_dtype or not p.is_floating_point() else torch.float32)
         for name, b in list(mod._buffers.items()):
             if b is not None and id(b) not in seen:
+                seen.add(id(b))
                 saved.append((mod, name, b))
                 mod._buffers[name] = _to(b, device, torch.float32)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+    in_blocks = {id(m) for m in blocks.modules()}
+    outside = [m for m in model.modules() if id(m) not in in_blocks]
+    handles = [m.register_forward_pre_hook(visit, with_kwargs=True) for m in outside]
+    # an embedding's rows come out in fp32, as if the table had been cast: what follows runs in fp32
+    handles += [m.register_forward_hook(lambda m, a, out: out.float() if out.is_floating_point() else out)
+                for m in outside if isinstance(m, nn.Embedding)]
+    handles.append(blocks[0].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for ids in batches:
             try:
@@ -190,7 +202,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, prefix: str, b
             else:
                 raise RuntimeError(f"the forward never reached {prefix}.0; cannot capture calibration inputs")
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         for item in reversed(saved):
             if len(item) == 2:
                 item[0].data = item[1]
@@ -201,50 +214,83 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, prefix: str, b
 
 # ------------------------------------------------------------------------------------------ resume
 class Checkpoint:
-    """`<output>.partial/`: state.json (commit point), block_NNNN.safetensors, acts_NNNN.safetensors."""
+    """`<output>.partial/`: state.json (commit point), block_NNNN.safetensors (a finished block's state dict),
+    acts_NNNN[.rR].safetensors (the next block's inputs; one file per rank under torchrun) and, for a
+    streamed run, outside.safetensors. Only rank 0 writes the shared files; every rank writes its own
+    activations, then all wait for each other before rank 0 commits state.json."""
 
     def __init__(self, output: str | os.PathLike, fingerprint: dict):
+        from .distributed import rank_world
+
         self.dir = Path(str(output).rstrip("/") + ".partial")
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.rank, self.world = rank_world()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def state(self) -> dict | None:
         f = self.dir / "state.json"
         return json.loads(f.read_text()) if f.exists() else None
 
     def reset(self) -> None:
-        if self.dir.exists():
-            log.info("removing the previous partial run %s (pass --resume to continue it instead)", self.dir)
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+        if self.rank == 0:
+            if self.dir.exists():
+                log.info("removing the previous partial run %s (pass --resume to continue it instead)", self.dir)
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+        self._barrier()
 
     def _atomic(self, path: Path, write) -> None:
         tmp = path.with_name(path.name + ".tmp")
         write(tmp)
         os.replace(tmp, path)
 
+    def _acts(self, index: int) -> Path:
+        return self.dir / (f"acts_{index:04d}.safetensors" if self.world == 1 else f"acts_{index:04d}.r{self.rank}.safetensors")
+
     def save(self, index: int, block: nn.Module, hidden: list[Tensor], layers: dict, done: bool,
              fp_hidden: list[Tensor] | None = None) -> None:
         """Block `index` is finished: its state dict, the inputs of block index+1 (quantized stream, and
         the full-precision stream for block algorithms), then state.json."""
-        sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        self._atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(sd, str(p)))
         if not done:
             acts = {f"h{j}": h.detach().cpu().contiguous() for j, h in enumerate(hidden)}
             acts.update({f"f{j}": h.detach().cpu().contiguous() for j, h in enumerate(fp_hidden or [])})
-            self._atomic(self.dir / f"acts_{index + 1:04d}.safetensors", lambda p: save_file(acts, str(p)))
-        state = {"version": 1, "fingerprint": self.fingerprint, "next_block": index + 1, "done": done,
-                 "layers": layers}
-        self._atomic(self.dir / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
-        old = self.dir / f"acts_{index:04d}.safetensors"
+            self._atomic(self._acts(index + 1), lambda p: save_file(acts, str(p)))
+        if self.rank == 0:
+            sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+            self._atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(sd, str(p)))
+        self._barrier()  # every rank's activations are on disk before the commit point moves
+        if self.rank == 0:
+            state = {"version": 1, "fingerprint": self.fingerprint, "next_block": index + 1, "done": done,
+                     "layers": layers}
+            self._atomic(self.dir / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        old = self._acts(index)
         if old.exists():
             old.unlink()
+
+    def save_outside(self, model: nn.Module, prefix: str) -> None:
+        """A streamed run's tensors outside the blocks (tied tensors once), for the final assembly."""
+        if self.rank != 0:
+            return
+        seen, sd = set(), {}
+        for k, v in model.state_dict().items():
+            if k.startswith(prefix + ".") or v.device.type == "meta":
+                continue
+            ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if ident in seen:
+                continue  # a tied head: the embedding holds it
+            seen.add(ident)
+            sd[k] = v.detach().cpu().contiguous()
+        self._atomic(self.dir / "outside.safetensors", lambda p: save_file(sd, str(p)))
 
     def load_block(self, index: int) -> dict[str, Tensor]:
         return load_file(str(self.dir / f"block_{index:04d}.safetensors"))
 
     def load_acts(self, index: int) -> tuple[list[Tensor], list[Tensor] | None]:
-        """(quantized-stream inputs, full-precision-stream inputs or None) of block `index`."""
-        d = load_file(str(self.dir / f"acts_{index:04d}.safetensors"))
+        """(quantized-stream inputs, full-precision-stream inputs or None) of block `index`, this rank's."""
+        d = load_file(str(self._acts(index)))
         n = sum(k.startswith("h") for k in d)
         fp = [d[f"f{j}"] for j in range(n)] if "f0" in d else None
         return [d[f"h{j}"] for j in range(n)], fp
@@ -271,9 +317,15 @@ def _restore_block(block: nn.Module, names: dict[str, QuantScheme], sd: dict[str
 
 # ------------------------------------------------------------------------------------------ pipeline
 def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorithm, report, *, calib=None,
-                        tokenizer=None, device=None, progress: bool = True) -> None:
-    """Quantize `plan`'s Linears block by block with a calibrated `algorithm`; fills `report` (see module doc)."""
+                        tokenizer=None, device=None, progress: bool = True, source=None) -> None:
+    """Quantize `plan`'s Linears block by block with a calibrated `algorithm`; fills `report` (see module doc).
+
+    source: a wq.loading.skeleton.Skeleton when streaming: `model` is its meta-device model with the parts
+    outside the blocks loaded; each block is read from the shards when reached, staged in
+    `<output>.partial/` when finished and released (output is then required)."""
     from ..api import LayerReport, _bias_bytes
+    from ..nn.surgery import materialize
+    from .distributed import rank_world, share
 
     s = {**CALIB_DEFAULTS, **{k: v for k, v in algorithm.settings.items() if k in CALIB_DEFAULTS}}
     dev = torch.device(device) if device else torch.device("cpu")
@@ -284,21 +336,31 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
     if granularity not in ("layer", "block"):
         raise ValueError(f"{algorithm.name}: granularity must be 'layer' or 'block', not {granularity!r}")
 
-    prefix, blocks = find_blocks(model, plan)
+    prefix, blocks = (source.prefix, source.blocks) if source is not None else find_blocks(model, plan)
     outside = {n: sch for n, sch in plan.items() if not n.startswith(prefix + ".")}
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    samples = calibration_samples(calib, tokenizer, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
-                                  max_length=max_len)  # [n, L]
+    all_samples = calibration_samples(calib, tokenizer, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
+                                      max_length=max_len)  # [n, L], the same on every rank
+    rank, world = rank_world()
+    mine = share(all_samples.shape[0], rank, world)  # this rank's contiguous share
+    samples = all_samples[mine.start:mine.stop]
+    if samples.shape[0] == 0:
+        raise ValueError(f"rank {rank} of {world} got no calibration sample ({all_samples.shape[0]} in all): "
+                         f"use --nsamples >= {world} or fewer processes")
     batches = list(samples.split(max(1, s["batch_size"])))
-    log.info("calibrating %s on %d samples x %d tokens, %d blocks, device %s", algorithm.name, samples.shape[0],
-             samples.shape[1], len(blocks), dev)
+    log.info("calibrating %s on %d samples x %d tokens, %d blocks, device %s%s", algorithm.name,
+             all_samples.shape[0], all_samples.shape[1], len(blocks), dev,
+             f"; rank {rank} of {world} takes samples {mine.start}..{mine.stop - 1}" if world > 1 else "")
+    if source is not None and not s["output"]:
+        raise ValueError("a streamed run stages finished blocks on disk: give it an output directory")
 
     ckpt, start = None, 0
     if s["output"]:
         fp = {"algo": algorithm.name, "plan": {n: str(v) for n, v in plan.items()},
               "settings": {k: v for k, v in sorted(algorithm.settings.items()) if k not in _NOT_ALGO},
               "calib": calib if isinstance(calib, (str, type(None))) else "<tokens>",
-              "samples": list(samples.shape), "samples_sum": int(samples.sum()), "blocks": len(blocks)}
+              "samples": list(all_samples.shape), "samples_sum": int(all_samples.sum()), "blocks": len(blocks),
+              "processes": world, "streamed": source is not None}
         ckpt = Checkpoint(s["output"], fp)
         state = ckpt.state() if s["resume"] else None
         if s["resume"] and state is None:
@@ -310,7 +372,7 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                 raise ValueError(f"{ckpt.dir} was made with different settings ({', '.join(diff)}); rerun with "
                                  f"the same flags to resume, or without --resume to start over")
             start = state["next_block"]
-            for i in range(start):
+            for i in range(start if source is None else 0):  # streamed: finished blocks stay staged on disk
                 _restore_block(blocks[i], _names_in(plan, f"{prefix}.{i}"), ckpt.load_block(i))
             for name, r in state["layers"].items():
                 report.layers[name] = LayerReport(**r)
@@ -334,11 +396,14 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                disable=not progress, initial=start, total=len(blocks))
     for i in bar:
         t0 = time.perf_counter()
-        block = blocks[i]
         bname = f"{prefix}.{i}"
+        if source is not None:  # read this block from the shards, in fp32 on the compute device
+            source.load_block(i, dev, torch.float32)
+            materialize(model, plan, within=bname)  # fused experts / Conv1D of this block -> Linears
+        block = blocks[i]
         names = _names_in(plan, bname)
         home = next(block.parameters()).device
-        dtype = _float_dtype(block)
+        dtype = source.dtype if source is not None else _float_dtype(block)
         block.to(dev)
         _cast_float(block, torch.float32)
         before = {rel: block.get_submodule(rel) for rel in names}
@@ -379,6 +444,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         if ckpt is not None:
             ckpt.save(i, block, hidden, {n: vars(r) for n, r in report.layers.items()}, done=i == len(blocks) - 1,
                       fp_hidden=fp_hidden)
+        if source is not None:
+            source.release_block(i)
         dt = time.perf_counter() - t0
         log.info("block %d/%d %.1fs  %s", i + 1, len(blocks), dt,
                  "  ".join(f"{rel.split('.')[-1]} {v:.3g}" for rel, v in losses.items()))
@@ -394,6 +461,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
             scheme=str(scheme), error=res.error, seconds=time.perf_counter() - t,
             bytes_before=lin.weight.numel() * lin.weight.element_size() + _bias_bytes(lin),
             bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats={"fallback": "rtn"})
+    if source is not None:
+        ckpt.save_outside(model, prefix)
     report.peak_memory_bytes = _peak_memory(dev)
 
 

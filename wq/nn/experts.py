@@ -225,6 +225,32 @@ def _rows(w: Tensor, e: int, transposed: bool) -> Tensor:
     return w[e].t() if transposed else w[e]
 
 
+def split_fused(layout: ExpertsLayout, fused: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-expert [out, in] weights (and biases) of fused tensors, as QuantExperts state-dict keys
+    ("3.gate_proj.weight" ...). fused: the fused module's own names (gate_up_proj / up_proj, down_proj,
+    their _bias). Views, no copies."""
+    inter = layout.intermediate
+    up_name = "gate_up_proj" if layout.gated else "up_proj"
+    w_up, w_down = fused[up_name], fused["down_proj"]
+    b_up, b_down = fused.get(f"{up_name}_bias"), fused.get("down_proj_bias")
+    out: dict[str, Tensor] = {}
+    for e in range(layout.num_experts):
+        up_rows = _rows(w_up, e, layout.transposed)  # [2I or I, H]
+        parts = {"up_proj": (slice(None), up_rows)}
+        if layout.gated:
+            gate_sel, up_sel = ((slice(0, inter), slice(inter, 2 * inter)) if layout.concatenated
+                                else (slice(0, None, 2), slice(1, None, 2)))
+            parts = {"gate_proj": (gate_sel, up_rows[gate_sel]), "up_proj": (up_sel, up_rows[up_sel])}
+        for proj, (sel, w) in parts.items():
+            out[f"{e}.{proj}.weight"] = w
+            if b_up is not None:
+                out[f"{e}.{proj}.bias"] = b_up[e, sel]
+        out[f"{e}.down_proj.weight"] = _rows(w_down, e, layout.transposed)
+        if b_down is not None:
+            out[f"{e}.down_proj.bias"] = b_down[e]
+    return out
+
+
 def unfuse(module: nn.Module) -> QuantExperts:
     """A QuantExperts whose projections are nn.Linear views of `module`'s fused weights (no copy).
 
@@ -233,28 +259,11 @@ def unfuse(module: nn.Module) -> QuantExperts:
     if layout is None:
         raise ValueError(f"{type(module).__name__}: a fused experts layout wq does not handle")
     q = QuantExperts.empty(module, layout, device="meta")
-    inter = layout.intermediate
-    up_name = "gate_up_proj" if layout.gated else "up_proj"
-    w_up, w_down = getattr(module, up_name), module.down_proj
-    b_up = getattr(module, f"{up_name}_bias", None) if layout.bias else None
-    b_down = getattr(module, "down_proj_bias", None) if layout.bias else None
-    for e, mlp in enumerate(q.experts()):
-        up_rows = _rows(w_up.detach(), e, layout.transposed)  # [2I or I, H]
-        if layout.gated:
-            gate_sel, up_sel = ((slice(0, inter), slice(inter, 2 * inter)) if layout.concatenated
-                                else (slice(0, None, 2), slice(1, None, 2)))
-            _set(mlp.gate_proj, up_rows[gate_sel], None if b_up is None else b_up.detach()[e, gate_sel])
-            _set(mlp.up_proj, up_rows[up_sel], None if b_up is None else b_up.detach()[e, up_sel])
-        else:
-            _set(mlp.up_proj, up_rows, None if b_up is None else b_up.detach()[e])
-        _set(mlp.down_proj, _rows(w_down.detach(), e, layout.transposed), None if b_down is None else b_down.detach()[e])
+    fused = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+    for key, t in split_fused(layout, fused).items():
+        e, proj, kind = key.split(".")
+        setattr(q[int(e)].__getattr__(proj), kind, nn.Parameter(t, requires_grad=False))
     return q
-
-
-def _set(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def find_fused_experts(model: nn.Module) -> dict[str, nn.Module]:

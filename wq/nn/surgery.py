@@ -125,18 +125,24 @@ def plan_layers(
     return planned, skipped
 
 
-def materialize(model: nn.Module, plan: dict[str, QuantScheme]) -> list[str]:
+def materialize(model: nn.Module, plan: dict[str, QuantScheme], within: str | None = None) -> list[str]:
     """Make every planned name a real nn.Linear: unfuse fused experts that have a planned projection
-    (QuantExperts, views of the fused weights) and turn planned Conv1Ds into nn.Linear. Returns the
-    names of the experts modules unfused. Idempotent."""
+    (QuantExperts, views of the fused weights) and turn planned Conv1Ds into nn.Linear. `within`: only
+    under this module name (a streamed block just loaded). Returns the names of the experts modules
+    unfused. Idempotent."""
+    def inside(name: str) -> bool:
+        return within is None or name == within or name.startswith(within + ".")
+
     unfused = []
     for path, module in find_fused_experts(model).items():
-        if fused_layout(module) is not None and any(n.startswith(path + ".") for n in plan):
+        if inside(path) and fused_layout(module) is not None and any(n.startswith(path + ".") for n in plan):
             set_module(model, path, unfuse(module))
             unfused.append(path)
     conv = conv1d_class()
     if conv is not None:
         for name in plan:
+            if not inside(name):
+                continue
             module = model.get_submodule(name)
             if isinstance(module, conv):
                 set_module(model, name, conv1d_to_linear(module))
