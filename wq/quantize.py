@@ -148,9 +148,12 @@ def model_bytes(model) -> int:
 
 
 def summary_table(report, before: int, after: int, total_seconds: float, out_dirs) -> str:
+    cov = report.coverage or {}
     rows = [
         ("scheme / algorithm", f"{report.scheme} / {report.algo}"),
         ("layers quantized", str(len(report.layers))),
+        ("weights quantized", f"{cov.get('blocks_share', 1.0):.1%} of the decoder blocks', "
+                              f"{cov.get('model_share', 1.0):.1%} of the model's (embeddings/head included)"),
         ("layers skipped", f"{len(report.skipped)}" + (f" ({', '.join(list(report.skipped)[:3])}"
                                                        f"{', ...' if len(report.skipped) > 3 else ''})"
                                                        if report.skipped else "")),
@@ -165,7 +168,17 @@ def summary_table(report, before: int, after: int, total_seconds: float, out_dir
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    table = "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    if cov:
+        from .nn.coverage import KINDS
+
+        by_kind = [f"  {k}: {cov[k]['quantized']:,} quantized, {cov[k]['kept']:,} kept" for k in KINDS
+                   if cov.get(k) and cov[k]["quantized"] + cov[k]["kept"]]
+        table += "\nweights by kind (matrix elements):\n" + "\n".join(by_kind)
+        if cov.get("blocks_share", 1.0) < 0.99:
+            table += (f"\nWARNING: {1 - cov['blocks_share']:.1%} of the decoder blocks' weights are NOT quantized "
+                      f"(see wq.json coverage.kept_in_blocks; --strict makes this an error)")
+    return table
 
 
 def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
@@ -175,6 +188,16 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     validate(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast:
+        from .loading.shards import ShardError
+        from .loading.skeleton import StreamError
+
+        try:
+            return run_streamed(cfg, device, progress=progress, t0=t0)
+        except (StreamError, ShardError) as e:
+            if cfg.resume:
+                raise UserError(f"cannot stream this model ({e}); a streamed --resume needs the same source") from None
+            log.warning("cannot stream this model block by block (%s); loading it whole instead", e)
     model, tok, path = load_model(cfg.model, None)
     log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     before = model_bytes(model)
@@ -183,7 +206,8 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     calib = cfg.calib
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
-        device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
+        device=device if device != "cpu" else None, progress=progress, strict=cfg.strict, **_calib_args(cfg),
+        **cfg.algo_args(),
     )
     after = model_bytes(model)
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
@@ -194,6 +218,58 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) -> dict:
+    """The default path: the model read block by block from its shards (wq.stream), memory estimated first."""
+    from .algorithms import ALGORITHMS
+    from .assets import resolve_model
+    from .loading.shards import ShardReader
+    from .loading.skeleton import Skeleton
+    from .nn import plan_layers
+    from .plan.memory import estimate_streamed
+    from .stream import quantize_streamed
+
+    path = resolve_model(cfg.model)
+    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and os.path.exists(os.path.dirname(path))
+    if looks_local and not Path(path).expanduser().exists():
+        raise UserError(f"model {path} not found: give an existing directory or a Hugging Face hub id")
+    sk = Skeleton(ShardReader.open(path))
+    algo = ALGORITHMS.get(cfg.algo)
+    calibrated = algo.needs_calibration
+    plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
+    from .calib.distributed import rank_world
+
+    est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
+                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=rank_world()[1], low_mem=cfg.low_mem,
+                            device=device, hessian_budget=int(cfg.hessian_budget * 2**30))
+    log.info("%s", est.table())
+    if not est.fits:
+        if not cfg.force:
+            raise UserError(est.advice() + " (or --force to try anyway)")
+        log.warning("%s; going on (--force)", est.advice())
+    tok = None
+    if calibrated:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(sk.reader.path)
+    before = sk.reader.total_bytes()
+    settings = {**_calib_args(cfg), **cfg.algo_args()}
+    settings.pop("output", None)
+    settings.pop("resume", None)
+    resume = cfg.resume
+    if calibrated:
+        settings["hessian_budget"] = int(cfg.hessian_budget * 2**30)
+    result = quantize_streamed(
+        sk, cfg.scheme, cfg.output, algo=cfg.algo, calib=cfg.calib, tokenizer=tok, skip=cfg.skip,
+        override=cfg.override, formats=cfg.format or None, device=device if device != "cpu" else None,
+        progress=progress, strict=cfg.strict, overwrite=cfg.overwrite, recipe=cfg, resume=resume,
+        extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "streamed": True}, **settings)
+    dirs = result["dirs"]
+    sizes = json.loads((Path(dirs[0]) / "wq.json").read_text()).get("size_bytes", {}) if dirs else {}
+    before, after = sizes.get("before", before), sizes.get("after", 0)
+    summary = summary_table(result["report"], before, after, time.perf_counter() - t0, dirs)
+    return {"report": result["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": tok}
 
 
 def run_cast(cfg: QuantConfig, model, tok, before: int, t0: float) -> dict:
@@ -267,6 +343,7 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .api import CoverageError
     from .scheme import SchemeError
 
     try:
@@ -281,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             except UnknownTaskError as e:
                 raise UserError(f"--eval-tasks: {e}") from None
         result = run(cfg, progress=args.progress)
-    except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, SchemeError, FileExistsError, FileNotFoundError, CoverageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
