@@ -318,7 +318,9 @@ def plan_gemm(meta: WeightMeta, m: int, dtype: torch.dtype, cfg: TileConfig, bia
 
 
 # split-K tickets: one int32 per output tile, zero between launches (the last split resets its own),
-# so they are allocated once per (device, stream) and never resized (a CUDA graph may hold them)
+# so they are allocated once per (device, stream) and never resized (a CUDA graph may hold them).
+# Limitation: graphs captured on one capture stream share that stream's tickets, so two of them must
+# not replay concurrently on different streams (torch.cuda.graph's default capture stream is shared).
 TICKETS = 1 << 14
 _tickets: dict[tuple, Tensor] = {}
 _tickets_lock = threading.Lock()
