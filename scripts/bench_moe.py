@@ -4,9 +4,12 @@ and greedy decode tokens/s of the quantized model next to its bf16 and fp32 orig
     python scripts/bench_moe.py                      # 64 experts x 8 layers, rtn and gptq, decode; docs/moe_bench.{json,md}
     python scripts/bench_moe.py --experts 8 --layers 2 --hidden 128 --out /tmp/moe   # smoke run
 
-Quantization: each run is a fresh process (`--child quantize`) that builds the model from the seed,
-quantizes it with wq.quantize_model and reports its wall time and peak RSS (VmHWM), next to the
-peak RSS of the same process right after building the model (so the quantization's own share shows).
+Quantization: the model is saved once (bf16, four safetensors shards, SmolLM2's tokenizer and vocabulary
+so gptq calibrates on real text); each run is a fresh process (`--child quantize`) that runs the CLI
+(`wq.quantize.main`) on it and reports its wall time and peak RSS (VmHWM), next to a fresh process that
+only imports the same modules (the baseline). Paths: rtn model-free (the CLI default for rtn), rtn and
+gptq streamed block by block (`--no-model-free`; gptq's default), gptq with the whole model loaded first
+(`--no-stream`).
 Decode: one process builds the model, makes bf16 / fp32 copies and the quantized model, and times
 greedy generation round-robin (interleaved, median of --rounds), tokens/s of the new tokens only.
 The load average at the start and end of every step is recorded: the machine may be shared.
@@ -57,27 +60,44 @@ def build(args) -> torch.nn.Module:
     return model.eval().to(torch.bfloat16)
 
 
-def child_quantize(args) -> dict:
-    import wq
+def save_model(args, path: Path) -> dict:
+    """The random model as a checkpoint a user would have: bf16 shards, tokenizer files."""
+    import shutil
 
-    t0 = time.perf_counter()
-    model = build(args)
-    build_s = time.perf_counter() - t0
-    rss_model = vm_hwm()
-    params = sum(p.numel() for p in model.parameters())
-    extra = {}
-    calib = None
-    if args.algo != "rtn":
-        calib = torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
-        extra = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": 4}
+    from wq.assets import resolve_model
+
+    if not (path / "config.json").exists():
+        model = build(args)
+        total = sum(p.numel() * 2 for p in model.parameters())
+        model.save_pretrained(path, max_shard_size=f"{total // 4 // 1000 + 1}KB")
+        for f in Path(resolve_model(None)).glob("tokenizer*"):
+            shutil.copy2(f, path / f.name)
+    params = sum(int(torch.tensor(v).prod()) for v in _shapes(path))
+    return {"params": params, "bf16_bytes": params * 2}
+
+
+def _shapes(path: Path):
+    from safetensors import safe_open
+
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                yield h.get_slice(k).get_shape()
+
+
+def child_quantize(argv: list[str]) -> dict:
     t = time.perf_counter()
-    report = wq.quantize_model(model, args.scheme, algo=args.algo, calib=calib, progress=False, **extra)
-    seconds = time.perf_counter() - t
-    fallbacks = sum("hessian" in r.stats for r in report.layers.values())
-    return {"algo": args.algo, "scheme": args.scheme, "params": params, "bf16_bytes": params * 2,
-            "build_seconds": round(build_s, 2), "quantize_seconds": round(seconds, 2),
-            "peak_rss_after_build": rss_model, "peak_rss": vm_hwm(), "layers": len(report.layers),
-            "expert_fallbacks": fallbacks, "blocks_share": report.coverage["blocks_share"]}
+    if argv[0] == "baseline":
+        import transformers  # noqa: F401
+
+        import wq.quantize  # noqa: F401
+        import wq.stream  # noqa: F401
+        rc = 0
+    else:
+        from wq.quantize import main
+
+        rc = main(argv)
+    return {"rc": rc, "seconds": round(time.perf_counter() - t, 2), "peak_rss": vm_hwm()}
 
 
 @torch.inference_mode()
@@ -112,7 +132,14 @@ def decode(args) -> dict:
             "speedup_vs_faster_dense": round(med[args.scheme] / dense, 2), "threads": torch.get_num_threads()}
 
 
+PATHS = {"rtn model-free": ("rtn", []), "rtn streamed": ("rtn", ["--no-model-free"]),
+         "gptq streamed": ("gptq", []), "gptq whole model": ("gptq", ["--no-stream"])}
+
+
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child_quantize(sys.argv[2:])))
+        return {}
     p = argparse.ArgumentParser(prog="python scripts/bench_moe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experts", type=int, default=64)
@@ -120,58 +147,74 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--moe-inter", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--vocab", type=int, default=49152, help="SmolLM2's: its tokenizer writes the calibration tokens")
     p.add_argument("--scheme", default="W4G128")
-    p.add_argument("--algos", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", default="/tmp/wq-bench-moe")
     p.add_argument("--out", default=str(ROOT / "docs" / "moe_bench"))
-    p.add_argument("--child", choices=["quantize"], help=argparse.SUPPRESS)
-    p.add_argument("--algo", default="rtn", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child_quantize(args)))
-        return {}
     shape = {k: getattr(args, k) for k in ("experts", "topk", "layers", "hidden", "moe_inter", "vocab", "scheme")}
-    result = {"shape": shape, "command": "python scripts/bench_moe.py " + " ".join(argv or sys.argv[1:]),
+    work = Path(args.work)
+    src = work / "model-{experts}x{layers}-h{hidden}".format(**shape)
+    sizes = save_model(args, src)
+    result = {"shape": {**shape, **sizes}, "command": "python scripts/bench_moe.py " + " ".join(sys.argv[1:]),
               "torch": torch.__version__, "quantize": [], "decode": None}
-    for algo in args.algos:
+
+    def child(cli: list[str]) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", *cli], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    base = child(["baseline"])
+    for name in args.paths:
+        algo, extra = PATHS[name]
+        out = work / f"out-{name.replace(' ', '-')}"
+        cli = [str(src), "--scheme", args.scheme, "--algo", algo, "-o", str(out), "--overwrite", "--no-progress",
+               "--format", "gptq", *extra]
+        if algo != "rtn":
+            cli += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", "4"]
         la = load_avg()
-        cmd = [sys.executable, __file__, "--child", "quantize", "--algo", algo] + [
-            a for k, v in shape.items() for a in (f"--{k.replace('_', '-')}", str(v))] + [
-            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row.update(load_before=la, load_after=load_avg())
-        print(json.dumps(row))
+        r = child(cli)
+        meta = json.loads((out / "wq.json").read_text())
+        stats = [lr.get("stats", {}) for lr in meta["report"]["layers"].values()]
+        row = {"path": name, "seconds": r["seconds"], "peak_rss": r["peak_rss"], "baseline_rss": base["peak_rss"],
+               "layers": len(meta["report"]["layers"]), "expert_fallbacks": sum("hessian" in s for s in stats),
+               "blocks_share": meta["coverage"]["blocks_share"], "size_after": meta["size_bytes"]["after"],
+               "load_before": la, "load_after": load_avg()}
+        print(json.dumps(row), flush=True)
         result["quantize"].append(row)
     la = load_avg()
     result["decode"] = {**decode(args), "load_before": la, "load_after": load_avg()}
     print(json.dumps(result["decode"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    outp = Path(args.out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    outp.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    outp.with_suffix(".md").write_text(markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
     s = r["shape"]
+    mib = 2**20
     lines = [f"# MoE on CPU: {s['experts']} experts (top-{s['topk']}) x {s['layers']} layers, hidden {s['hidden']}, "
-             f"expert width {s['moe_inter']}, vocab {s['vocab']}", "", f"`{r['command']}` (torch {r['torch']})", "",
-             "| algorithm | params | bf16 size | quantize s | peak RSS after build | peak RSS | expert fallbacks | "
-             "blocks quantized | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+             f"expert width {s['moe_inter']}, vocab {s['vocab']} ({s['params'] / 1e6:.0f}M parameters, "
+             f"{s['bf16_bytes'] / mib:.0f} MiB in bf16)", "", f"`{r['command']}` (torch {r['torch']})", "",
+             "| path | quantize s (whole process) | peak RSS | over the import baseline | checkpoint | expert fallbacks | "
+             "blocks quantized | load avg before -> after |", "|---|---|---|---|---|---|---|---|"]
     for q in r["quantize"]:
-        lines.append(f"| {q['algo']} {q['scheme']} | {q['params'] / 1e6:.0f}M | {q['bf16_bytes'] / 2**20:.0f} MiB | "
-                     f"{q['quantize_seconds']} | {q['peak_rss_after_build'] / 2**20:.0f} MiB | "
-                     f"{q['peak_rss'] / 2**20:.0f} MiB | {q['expert_fallbacks']} | {q['blocks_share']:.1%} | "
-                     f"{q['load_before']} -> {q['load_after']} |")
+        lines.append(f"| {q['path']} | {q['seconds']} | {q['peak_rss'] / mib:.0f} MiB | "
+                     f"{(q['peak_rss'] - q['baseline_rss']) / mib:.0f} MiB | {q['size_after'] / mib:.0f} MiB | "
+                     f"{q['expert_fallbacks']} | {q['blocks_share']:.1%} | {q['load_before']} -> {q['load_after']} |")
     d = r["decode"]
-    lines += ["", f"Greedy decode, batch 1, {d['threads']} threads, median of rounds (load {d['load_before']} -> "
-              f"{d['load_after']}):", "", "| model | tokens/s |", "|---|---|"]
+    lines += ["", f"Greedy decode, batch 1, {d['threads']} threads, median of rounds, bf16 / fp32 / quantized interleaved "
+              f"in one process (load {d['load_before']} -> {d['load_after']}):", "", "| model | tokens/s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in d["tokens_per_s"].items()]
     lines += ["", f"quantized / faster dense: {d['speedup_vs_faster_dense']}x", ""]
     return "\n".join(lines)

@@ -226,3 +226,16 @@ def test_low_bit_experts_are_flagged_for_servers(tmp_path):
     wq.save(model, tmp_path / "q", format="wq")
     who = json.loads((tmp_path / "q" / "wq.json").read_text())["consumers"]
     assert who["wq.load"] is None and "4/8-bit experts" in who["vllm"]
+
+
+def test_partly_unquantized_experts_reload_everywhere(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = zoo.build("mixtral")
+    wq.quantize_model(model, "W4G128", override=[r"experts\.0\.=BF16"], progress=False)
+    assert isinstance(model.model.layers[0].mlp.experts[0].up_proj, torch.nn.Linear)
+    wq.save(model, tmp_path / "q", format="wq")
+    with torch.no_grad():
+        ref = model(_ids()).logits
+        assert torch.equal(wq.load(tmp_path / "q")(_ids()).logits, ref)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(_ids()).logits, ref)

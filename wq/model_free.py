@@ -91,7 +91,7 @@ def plan_tensors(reader: ShardReader, scheme: QuantScheme | str, *, skip: Iterab
             continue  # outside the blocks only the head is a candidate, and only when overridden
         hit = next((p for p, r in skips if r.search(module)), None)
         if chosen is None and hit is not None:
-            skipped[module] = ("MoE router (kept in full precision by default; --override to quantize)"
+            skipped[module] = ("MoE router (kept in full precision by default)"
                                if hit in ROUTER_PATTERNS else f"matches skip pattern {hit!r}")
             continue
         chosen = chosen or scheme
@@ -99,6 +99,10 @@ def plan_tensors(reader: ShardReader, scheme: QuantScheme | str, *, skip: Iterab
             skipped[module] = "override to BF16"
             continue
         plan[module] = chosen
+    cfg = reader.config.get("text_config") or reader.config
+    if "lm_head.weight" not in reader.weight_map and cfg.get("tie_word_embeddings", reader.config.get(
+            "tie_word_embeddings", False)):
+        skipped["lm_head"] = "tied to the input embedding (kept, as the embedding)"
     return plan, skipped
 
 

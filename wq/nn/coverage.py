@@ -142,7 +142,7 @@ def coverage(model: nn.Module, plan: dict | None = None, skipped: dict[str, str]
             if name in fused:
                 reason = f"fused experts layout wq does not handle ({type(mod).__name__})"
             elif _ROUTER.search(name) or "Router" in type(mod).__name__:
-                reason = "MoE router (kept in full precision)"
+                reason = "MoE router (kept in full precision by default)"
             elif isinstance(mod, nn.Embedding):
                 reason = "embedding"
             else:

@@ -114,7 +114,7 @@ def plan_layers(
         hit = next((p for p, r in skip_res if r.search(name)), None)
         if chosen is None and hit is not None:
             router = hit in ROUTER_PATTERNS
-            skipped[name] = ("MoE router (kept in full precision by default; --override to quantize)" if router
+            skipped[name] = ("MoE router (kept in full precision by default)" if router
                              else f"matches skip pattern {hit!r}")
             continue
         chosen = chosen or scheme
