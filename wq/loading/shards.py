@@ -60,7 +60,7 @@ def _weight_map(path: Path) -> dict[str, str]:
     return out
 
 
-class _Shard:
+class ShardFile:
     """One safetensors file: its header (dtype, shape and byte range of every tensor), and positional reads
     of one tensor at a time into a fresh buffer (no memory map)."""
 
@@ -116,8 +116,8 @@ class _Shard:
             self._fd = None
 
 
-def _open(file: Path) -> _Shard:
-    return _Shard(file)
+def _open(file: Path) -> ShardFile:
+    return ShardFile(file)
 
 
 class ShardReader:
@@ -126,7 +126,7 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.weight_map = _weight_map(self.path)
-        self._handles: dict[str, _Shard] = {}
+        self._handles: dict[str, ShardFile] = {}
         cfg = self.path / "config.json"
         self.config = json.loads(cfg.read_text()) if cfg.exists() else {}
         qcfg = self.config.get("quantization_config") or {}
@@ -209,6 +209,12 @@ class ShardReader:
 
     def total_bytes(self) -> int:
         return sum(self.nbytes(n) for n in self.weight_map)
+
+    def close_file(self, file: str) -> None:
+        """Close one shard file (reopened if read again)."""
+        h = self._handles.pop(file, None)
+        if h is not None:
+            h.close()
 
     def close(self) -> None:
         for h in self._handles.values():
