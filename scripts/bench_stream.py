@@ -83,7 +83,7 @@ class PeakTracer:
     PHASES = [("wq.quantize", "load_model", "load whole model"), ("wq", "save", "save (whole model)"),
               ("wq.stream", "assemble", "assemble"), ("wq.model_free", "assemble", "assemble"),
               ("wq.stream", "quantize_calibrated", "calibrate"), ("wq.stream", "_data_free", "rtn blocks"),
-              ("wq.model_free", "save_file", "stage a shard")]
+              ("wq.model_free", "quantize_model_free", "model-free")]
 
     def __init__(self, every: float = 0.005):
         import importlib

@@ -204,3 +204,23 @@ def test_peak_memory_is_flat_in_the_number_of_blocks(tmp_path):
         assert row["over_baseline"] <= row["budget"], row
         peaks[layers] = row["over_baseline"]
     assert peaks[12] < peaks[4] * 1.5  # flat, not 3x
+
+
+def test_a_released_quantized_block_keeps_no_tensor():
+    """After a block's outputs are recomputed through its QuantLinears (which bind kernel plans to their
+    tensors), moving it to the meta device frees those tensors: a streamed run must not keep every
+    finished block alive through its plans."""
+    import gc
+    import weakref
+
+    from wq.algorithms.rtn import rtn_quantize
+    from wq.kernels.dispatch import exact_kernels
+
+    lin = wq.nn.QuantLinear.from_packed(rtn_quantize(torch.randn(64, 256), wq.QuantScheme.parse("W4G128")).packed)
+    with torch.no_grad(), exact_kernels():
+        lin(torch.randn(2, 40, 256))  # plans for this call shape
+    assert lin.__dict__.get("_plans")
+    ref = weakref.ref(lin.qweight)
+    lin.to("meta")
+    gc.collect()
+    assert ref() is None and lin.qweight.device.type == "meta"
