@@ -94,7 +94,7 @@ def test_save_is_atomic_and_refuses_existing(tiny_model, tmp_path, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards, "save_file", disk_full)
+    monkeypatch.setattr(shards, "_append", disk_full)  # the disk fills while a shard is being written
     with pytest.raises(OSError, match="No space"):
         wq.save(tiny_model, tmp_path / "new")
     assert not (tmp_path / "new").exists()

@@ -87,6 +87,32 @@ def test_streamed_checkpoint_reloads_and_lm_head_override(tmp_path):
     assert meta["coverage"]["blocks_share"] == 1.0 and meta["size_bytes"]["after"] < meta["size_bytes"]["before"]
 
 
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_outside_tensors_are_not_held_while_the_blocks_run(algo, tmp_path, monkeypatch):
+    """Embeddings and head are read for capturing the first block's inputs and again at the end (an
+    overridden lm_head is quantized then), not held in between: the checkpoint is the in-memory one."""
+    src = _source("llama", tmp_path)
+    seen = []
+    load_block = Skeleton.load_block
+
+    def spy(self, i, *a, **k):
+        seen.append((self.model.get_input_embeddings().weight.device.type,
+                     self.model.get_output_embeddings().weight.device.type))
+        return load_block(self, i, *a, **k)
+
+    monkeypatch.setattr(Skeleton, "load_block", spy)
+    kw = {} if algo == "rtn" else {"calib": _calib(), **CALIB}
+    quantize_streamed(src, "W4G128", tmp_path / "streamed", algo=algo, override=["lm_head=W8G128"], formats=["gptq"],
+                      progress=False, **kw)
+    assert len(seen) == 2 and set(seen) == {("meta", "meta")}, seen
+    model = type(zoo.build("llama")).from_pretrained(src).eval()
+    wq.quantize_model(model, "W4G128", algo=algo, override=["lm_head=W8G128"], progress=False, **kw)
+    wq.save(model, tmp_path / "memory", format="gptq")
+    a, b = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "memory")
+    assert "lm_head.qweight" in a and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
 def test_fp8_block_scaled_source_is_dequantized_on_read(tmp_path):
     src = _source("llama", tmp_path, shard="10MB")
     sd = load_file(str(src / "model.safetensors"))
@@ -178,3 +204,23 @@ def test_peak_memory_is_flat_in_the_number_of_blocks(tmp_path):
         assert row["over_baseline"] <= row["budget"], row
         peaks[layers] = row["over_baseline"]
     assert peaks[12] < peaks[4] * 1.5  # flat, not 3x
+
+
+def test_a_released_quantized_block_keeps_no_tensor():
+    """After a block's outputs are recomputed through its QuantLinears (which bind kernel plans to their
+    tensors), moving it to the meta device frees those tensors: a streamed run must not keep every
+    finished block alive through its plans."""
+    import gc
+    import weakref
+
+    from wq.algorithms.rtn import rtn_quantize
+    from wq.kernels.dispatch import exact_kernels
+
+    lin = wq.nn.QuantLinear.from_packed(rtn_quantize(torch.randn(64, 256), wq.QuantScheme.parse("W4G128")).packed)
+    with torch.no_grad(), exact_kernels():
+        lin(torch.randn(2, 40, 256))  # plans for this call shape
+    assert lin.__dict__.get("_plans")
+    ref = weakref.ref(lin.qweight)
+    lin.to("meta")
+    gc.collect()
+    assert ref() is None and lin.qweight.device.type == "meta"

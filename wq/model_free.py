@@ -11,8 +11,8 @@ for it; the same --skip / --override patterns as the model path (routers and lm_
 default). What that rule cannot see, the run refuses rather than guesses (the CLI then takes the
 streamed model path): GPT-2-style Conv1D weights (stored transposed) and fused 3-D MoE expert tensors.
 
-Tensors are read one at a time, quantized (or cast) and staged per source shard; the staged parts are
-then written in each requested format, one part in memory at a time.
+Tensors are read one at a time, quantized (or cast) and staged per source shard, each written to disk
+as it is made; the staged parts are then written in each requested format, one layer in memory at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
@@ -38,6 +37,7 @@ from .nn.coverage import Coverage, weight_kind
 from .nn.surgery import DEFAULT_SKIP, ROUTER_PATTERNS, compile_pattern, parse_overrides
 from .scheme import QuantScheme
 from .writing.assemble import assemble
+from .writing.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
     t0 = time.perf_counter()
     bar = tqdm(total=len(reader.names()), desc=f"rtn {scheme} (model-free)", unit="tensor", disable=not progress)
     for i, f in enumerate(files):
-        staged: dict[str, torch.Tensor] = {}
+        part = staging / f"part_{i:05d}"
+        part.mkdir()
+        staged = ShardWriter(part, max_bytes=2**62)  # one file per source shard, written tensor by tensor
         for name in by_file[f]:
             t = reader.get(name)
             module = name.rpartition(".")[0]
@@ -174,17 +176,16 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
                 shapes[module] = (pw.in_features, pw.out_features)
                 tensors = ({"weight": pw.weight, "weight_scale": pw.scale} if sch.is_fp8 else
                            {"qweight": pw.qweight, "scales": pw.scales, "zeros": pw.zeros})
-                staged.update({f"{module}.{k}": v for k, v in tensors.items()})
+                staged.add_many({f"{module}.{k}": v for k, v in tensors.items()})
                 summaries[module] = pw.summary()
                 report.layers[module] = LayerReport(scheme=str(sch), error=res.error, seconds=time.perf_counter() - t1,
                                                     bytes_before=t.numel() * t.element_size(),
                                                     bytes_after=pw.nbytes(), stats=res.stats)
             else:
-                staged[name] = t  # biases of quantized layers stay under their own name too
+                staged.add(name, t)  # biases of quantized layers stay under their own name too
             bar.update(1)
-        part = staging / f"part_{i:05d}.safetensors"
-        save_file(staged, str(part))
-        parts.append(("", part))
+        parts.append(("", part / staged.close()[0]))
+        reader.close_file(f)  # done with this source shard
     bar.close()
     report.seconds = time.perf_counter() - t0
     report.coverage = cov.to_dict()
@@ -223,8 +224,6 @@ def cast_model_free(source: str | Path, scheme: QuantScheme | str, output: str |
     activations: the audit file says so). Fp16OverflowError when a weight would become inf, unless force."""
     from .fp16_audit import Fp16OverflowError, cast_stats, total
     from .writing.checkpoint import WQ_JSON, wq_meta
-    from .writing.shards import ShardWriter
-
     scheme = QuantScheme.parse(scheme)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[scheme.fmt]
     output = Path(output)

@@ -4,12 +4,14 @@
     wq.quantize_streamed("path/or/hub-id", "W4G128", "out", algo="gptq", calib="corpus.txt")
 
 The model is built on the meta device (transformers' own modules, no weights); the tensors outside
-the decoder blocks (embeddings, final norm, head) are loaded once; each decoder block is read from
+the decoder blocks (embeddings, final norm, head) are loaded when needed (calibration: for capturing
+the first block's inputs, then dropped until the end; rtn: at the end); each decoder block is read from
 the safetensors shards when the pipeline reaches it (in fp32 on the compute device), quantized,
 staged on disk in `<output>.partial/` (which --resume continues from) and released. At the end the
 staged parts are converted into each requested format's directory, which appears complete or not at
-all. Memory: the interpreter, the outside tensors, about two blocks (one in fp32 while it is
-quantized) and the calibration stream.
+all. Memory: the interpreter, about two blocks (one in fp32 while it is quantized), gptq's Hessians of
+one block and the calibration stream; the outside tensors only while the first block's inputs are
+captured and at the end.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def quantize_streamed(source: str | Path | Skeleton, scheme: QuantScheme | str, 
     if not algorithm.needs_calibration and not is_main():  # nothing to share out: rank 0 does it all
         log.info("%s takes no calibration data: this rank has nothing to do", algo)
         return {"report": report, "dirs": [], "skeleton": sk}
-    sk.load_outside("cpu")
     t0 = time.perf_counter()
     if algorithm.needs_calibration:
+        sk.load_outside("cpu")  # for capturing the first block's inputs; released while the blocks run
         quantize_calibrated(model, plan, algorithm, report, calib=calib, tokenizer=tokenizer, device=device,
                             progress=progress, source=sk)
     else:
@@ -86,6 +88,7 @@ def quantize_streamed(source: str | Path | Skeleton, scheme: QuantScheme | str, 
         log.warning("%s", cov.warning())
     quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
              "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict(), "coverage": report.coverage}
+    sk.release_outside()  # staged on disk by now: the assembly reads them from there
     dirs: list[Path] = []
     if is_main():
         dirs = _write(sk, plan, shapes, quant, output, formats or [default_format(scheme)], tokenizer=tokenizer,
@@ -143,6 +146,7 @@ def _data_free(sk: Skeleton, plan, algorithm, report: QuantReport, output: Path,
             report.layers[f"{bname}.{rel}"] = quantize_linear_in_place(block, rel, scheme, algorithm, device)
         ckpt.save(i, block, [], {n: vars(r) for n, r in report.layers.items()}, done=i == len(sk) - 1)
         sk.release_block(i)
+    sk.load_outside("cpu")  # not needed before: the blocks are quantized without any input
     for name, scheme in plan.items():  # outside the blocks (an overridden lm_head)
         if not name.startswith(sk.prefix + "."):
             report.layers[name] = quantize_linear_in_place(sk.model, name, scheme, algorithm, device)

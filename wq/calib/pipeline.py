@@ -381,6 +381,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
             ckpt.reset()
 
     hidden, kwargs = capture_block_inputs(model, blocks, prefix, batches, dev, store)
+    if source is not None:  # streamed: the tensors outside the blocks are not used again until the end
+        source.release_outside()
     # Block algorithms learn to reproduce the *unquantized model's* hidden states: their targets come
     # from a full-precision stream carried beside the quantized one, so each block can also correct
     # the error earlier quantized blocks left in its inputs (as AutoRound does). Costs one more set of
@@ -451,6 +453,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                  "  ".join(f"{rel.split('.')[-1]} {v:.3g}" for rel, v in losses.items()))
         bar.set_postfix(block_s=f"{dt:.1f}", max_loss=f"{max(losses.values(), default=0):.3g}")
 
+    if source is not None:
+        source.load_outside("cpu")  # read again: staged below, and an overridden lm_head is quantized
     for name, scheme in outside.items():  # e.g. an overridden lm_head: not inside a block, no observed inputs
         log.warning("%s is outside the decoder blocks: quantized with rtn, not %s", name, algorithm.name)
         lin = model.get_submodule(name)

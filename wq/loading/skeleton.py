@@ -1,7 +1,7 @@
 """A model on the meta device whose parts are filled from the checkpoint's shards when needed.
 
     sk = Skeleton(ShardReader.open(path))
-    sk.load_outside()            # embeddings, final norm, head: loaded once
+    sk.load_outside()            # embeddings, final norm, head (sk.release_outside() drops them again)
     block = sk.load_block(3)     # block 3's tensors, read from whichever shards hold them
     ...                          # quantize it
     sk.release_block(3)          # back to the meta device: memory is about one block at a time
@@ -149,6 +149,17 @@ class Skeleton:
                 and not n.startswith(self.prefix + ".")]
         if left:
             raise StreamError(f"{self.reader.path}: no checkpoint tensor for {left[:3]}")
+
+    def release_outside(self) -> None:
+        """Drop the tensors outside the blocks (back to the meta device) until load_outside reads them again:
+        a calibrated run needs them for capturing the first block's inputs and at the end, not in between."""
+        for name, mod in self.model.named_modules():
+            if name == self.prefix or name.startswith(self.prefix + "."):
+                continue
+            for pname, p in list(mod._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                          requires_grad=p.requires_grad)
 
     def load_block(self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
         """Block i with its tensors read from the shards (on `device`, floating tensors in `dtype` if given,

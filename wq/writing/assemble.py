@@ -6,9 +6,9 @@ Staging (`<output>.partial/`, also what --resume continues from):
     outside.safetensors      everything outside the blocks (embeddings, norm, head; tied tensors once)
     state.json               the commit point: finished blocks, per-layer reports
 
-Two passes over the staged files, one part in memory at a time: the first collects each quantized
-layer's summary (what Format.prepare decides from, e.g. GPTQ v1 vs v2), the second converts and
-writes, per format.
+Two passes over the staged files: the first collects each quantized layer's summary (what
+Format.prepare decides from, e.g. GPTQ v1 vs v2), the second converts and writes, per format, one
+layer (or one plain tensor) in memory at a time: read from its part, converted, written to disk.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ..fp8 import Fp8Weight
+from ..loading.shards import ShardFile
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .checkpoint import FormatWriter
@@ -65,6 +65,22 @@ def _split(sd: dict[str, torch.Tensor], key_prefix: str, schemes: dict[str, Quan
     return plain, packed, biases
 
 
+def _by_layer(keys: list[str], key_prefix: str, schemes: dict[str, QuantScheme]) -> list[list[str]]:
+    """A part's keys in groups read together: the tensors of one quantized layer, or one plain tensor."""
+    layers: dict[str, list[str]] = {}
+    out: list[list[str]] = []
+    for k in keys:
+        owner = (key_prefix + k).rpartition(".")[0]
+        if owner in schemes:
+            if owner not in layers:
+                layers[owner] = []
+                out.append(layers[owner])
+            layers[owner].append(k)
+        else:
+            out.append([k])
+    return out
+
+
 def _summaries(parts, schemes, shapes) -> dict:
     out = {}
     for key_prefix, file in parts:
@@ -100,8 +116,11 @@ def assemble(parts: list[tuple[str, Path]], targets: dict[str, Path], *, names, 
         kw = {} if max_bytes is None else {"max_bytes": max_bytes}
         writer = FormatWriter(target, FORMATS.get(fmt_name)(), names, summaries, **kw)
         for key_prefix, file in parts:
-            plain, packed, biases = _split(load_file(str(file)), key_prefix, schemes, shapes)
-            writer.add(plain, packed, biases)
+            part = ShardFile(file)
+            for keys in _by_layer(part.keys(), key_prefix, schemes):
+                plain, packed, biases = _split({k: part.get(k) for k in keys}, key_prefix, schemes, shapes)
+                writer.add(plain, packed, biases)
+            part.close()
         writer.finish(config, quant, unquantized=unquantized, tokenizer=tokenizer,
                       generation_config=generation_config, recipe=recipe, extra=extra)
         log.info("wrote %s (%s)", target, fmt_name)
