@@ -25,7 +25,7 @@ def test_help_explains_every_flag():
         (["--scheme", "W5G128", "-o", "X"], "W<bits>G<group>"),
         (["--scheme", "W4G128", "--algo", "rtm", "-o", "X"], "Did you mean 'rtn'"),
         (["--scheme", "W4G128"], "-o OUT"),
-        (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "not found"),
+        (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "no such local directory"),
         (["--override", "down_proj", "-o", "X"], "PATTERN=SCHEME"),
         (["--format", "gtpq", "-o", "X"], "Did you mean 'gptq'"),
     ],
@@ -39,6 +39,7 @@ def test_bad_input_errors(argv, needle, tmp_path, capsys, monkeypatch):
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")  # an empty directory is filled without --overwrite
     assert main(["--scheme", "W4G128", "-o", str(tmp_path / "o")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -36,7 +36,10 @@ class QuantConfig:
                             flag="--output", short="-o")
     format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
                            "one that gives fast vLLM kernels for the scheme", repeat=True)
-    overwrite: bool = _f(False, "replace OUT if it exists")
+    overwrite: bool = _f(False, "replace OUT if it is a checkpoint wq wrote; the old one is deleted only after the "
+                         "new one is complete")
+    overwrite_non_checkpoint: bool = _f(False, "with --overwrite, also replace an OUT that wq did not write "
+                                        "(everything in it is deleted)")
     device: str | None = _f(None, "compute device for quantization (cpu, cuda, cuda:1); default: cuda if "
                             "available else cpu")
     skip: list[str] = _f(["lm_head"], "regex of Linear names to leave unquantized, repeatable (default: lm_head)",

@@ -32,8 +32,10 @@ from .formats.fp8 import default_fp8_format, float_format_name
 from .fp8 import FP8_DTYPES
 from .nn import QuantLinear, set_module
 from .nn import compact as compact_layers
+from .output import check_not_working_dir, occupied, swap_in
 from .packing import PackedWeight
 from .scheme import QuantScheme
+from .shards import check_shards, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ def versions() -> dict[str, str]:
 
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to write into; on success it replaces `out` by one rename,
-    on any failure (full disk, Ctrl-C) it is removed: never a half-written directory that looks done."""
+    """Yield a temporary sibling of `out` to write into; on success it is swapped in (an old `out` is renamed aside
+    and deleted only after: wq.output.swap_in), on any failure (full disk, Ctrl-C) it is removed: never a
+    half-written directory that looks done, never the old and the new one both lost."""
+    check_not_working_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -75,9 +79,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,7 +120,7 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
             if reason:
                 raise ValueError(f"format {name!r} cannot store layer {layer} ({s}): {reason}")
     out = Path(out)
-    if out.exists() and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     written = []
     with atomic_dir(out) as tmp:
@@ -207,16 +209,13 @@ def _write_shards(state: dict[str, torch.Tensor], target: Path, max_bytes: int =
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+    files = shard_files(path)
+    if not files:
         raise FileNotFoundError(f"{path}: no model.safetensors (or index) found; is this a wq checkpoint?")
+    check_shards(path, files)  # headers only: a truncated file or missing shard is named before any read
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(load_file(str(f)))
     return state
 
 

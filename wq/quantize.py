@@ -6,6 +6,7 @@ Thin: flags -> QuantConfig -> load model -> wq.quantize_model -> wq.save -> summ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import QuantConfig
+from .errors import UserError
 from .scheme import QuantScheme
 
 log = logging.getLogger("wq")
@@ -27,13 +29,11 @@ examples:
   python -m wq.quantize ./my-model --scheme W2G128 --algo autoround --calib corpus.txt -o out/w2
   python -m wq.quantize --recipe configs/w4g128-gptq.yaml -o out/x --override 'down_proj=W8G128'
 
-Settings come from the dataclass defaults, then --recipe, then flags. The output directory is
-written atomically (temp dir, then rename): an interrupted run never leaves a complete-looking one.
+Settings come from the dataclass defaults, then --recipe, then flags. The output is checked before the
+model loads (writable, room for the estimated size, not the working directory, not a directory wq did not
+write) and written atomically (temp dir, then rename): an interrupted run never leaves a complete-looking
+one, and --overwrite deletes the old checkpoint only after the new one is complete.
 """
-
-
-class UserError(Exception):
-    """A problem with the user's input; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,24 +100,65 @@ def validate(cfg: QuantConfig) -> None:
         raise UserError(str(e)) from None
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
-    if Path(cfg.output).exists() and not cfg.overwrite:
-        raise UserError(f"output {cfg.output} exists; pass --overwrite to replace it, or choose another -o")
-    if cfg.resume and not cfg.output:
-        raise UserError("--resume needs the -o of the interrupted run")
+    from .output import check_output
+    from .source import resolve_source
+
+    where = dict(overwrite=cfg.overwrite, overwrite_non_checkpoint=cfg.overwrite_non_checkpoint)
+    check_output(cfg.output, **where)  # the cheap checks first
+    source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line, now
+    check_output(cfg.output, **where, needed_bytes=needed_bytes(cfg, source.path),
+                 protect=(source.path,) if source.local else ())
 
 
-def load_model(name: str | None, device: str | None):
-    """Load a causal LM and its tokenizer from a hub id, a local dir, or the bundled default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
+    """Disk the run needs at its peak (the checkpoint, plus a calibrated run's resume directory), estimated from
+    the model's config and tensor headers; None (no space check) when the config cannot be read."""
+    from .algorithms import ALGORITHMS
+    from .estimate import calibration_bytes, estimate_checkpoint, meta_model
 
-    from .assets import resolve_model
-
-    path = resolve_model(name)
-    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and os.path.exists(os.path.dirname(path))
-    if looks_local and not Path(path).expanduser().exists():
-        raise UserError(f"model {path} not found: give an existing directory or a Hugging Face hub id")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        model = meta_model(path)
+        est = estimate_checkpoint(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
+                                  formats=max(1, len(cfg.format)), model=model)
+    except UserError:
+        raise
+    except Exception as e:  # e.g. an architecture transformers cannot build from its config alone
+        log.warning("could not estimate the checkpoint size (%s: %s); free space is not checked", type(e).__name__, e)
+        return None
+    algo = ALGORITHMS.get(cfg.algo)
+    total = est.checkpoint_bytes
+    if algo.needs_calibration:  # <out>.partial: the finished blocks (about one checkpoint) and the activations
+        total += est.quantized_bytes + est.kept_bytes + calibration_bytes(
+            model, nsamples=cfg.nsamples, seqlen=cfg.seqlen, block_algo=getattr(algo, "granularity", "") == "block")
+    log.debug("estimated peak disk use %.1f MB (checkpoint %.1f MB)", total / 2**20, est.checkpoint_bytes / 2**20)
+    return total
+
+
+def tokenizer_reason(cfg: QuantConfig) -> str | None:
+    """Why this run needs the model's tokenizer (rtn and FP8 need none), or None."""
+    from .algorithms import ALGORITHMS
+
+    if ALGORITHMS.get(cfg.algo).needs_calibration:
+        return f"--algo {cfg.algo} calibrates on text"
+    if QuantScheme.parse(cfg.scheme).fmt == "fp16":
+        return "the FP16 audit runs text through the model"
+    if cfg.eval:
+        return "--eval runs text through the model"
+    return None
+
+
+def load_model(name: str | None, device: str | None, *, tokenizer_needed: str | None = "text"):
+    """Load a causal LM and its tokenizer from a hub id, a local dir, or the bundled default. tokenizer_needed: why
+    the run needs a tokenizer, or None when it can go without (then a model without one loads with tok None)."""
+    from transformers import AutoModelForCausalLM
+
+    from .source import load_tokenizer, resolve_source
+
+    source = resolve_source(name)  # checks the path, the shards' headers, the Hub's reachability
+    path = source.path
+    tok = load_tokenizer(source, required=tokenizer_needed is not None,
+                         why=f" ({tokenizer_needed})" if tokenizer_needed else "")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     except OSError as e:
         raise UserError(f"cannot load model {path!r}: {e}. For a hub id you need network access (or a "
@@ -175,7 +216,7 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     validate(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, path = load_model(cfg.model, None)
+    model, tok, path = load_model(cfg.model, None, tokenizer_needed=tokenizer_reason(cfg))
     log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     before = model_bytes(model)
     if QuantScheme.parse(cfg.scheme).is_cast:
@@ -267,8 +308,10 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .output import is_environment_error
     from .scheme import SchemeError
 
+    cfg = None
     try:
         cfg, args = config_from_argv(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -280,14 +323,20 @@ def main(argv: list[str] | None = None) -> int:
                 check_tasks(cfg.eval_tasks)
             except UnknownTaskError as e:
                 raise UserError(f"--eval-tasks: {e}") from None
-        result = run(cfg, progress=args.progress)
+        with _transformers_progress(args.progress):
+            result = run(cfg, progress=args.progress)
     except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output directory (a calibrated run continues from its "
-              "last finished block with the same flags plus --resume)", file=sys.stderr)
+        print(f"interrupted: {_note(cfg)}", file=sys.stderr)
         return 130
+    except Exception as e:  # the machine failed late (disk full, permissions, memory): one line, what was kept
+        if cfg is None or not is_environment_error(e):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {type(e).__name__}: {msg}; {_note(cfg)}", file=sys.stderr)
+        return 1
     print(result["summary"])
     if cfg.eval:
         print(run_eval(cfg, result))
@@ -300,6 +349,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool):
+    """--no-progress hides transformers' own bars (loading weights) too, for this run only."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
+def _note(cfg: QuantConfig | None) -> str:
+    """What a failed or interrupted run kept and how to continue it."""
+    from .algorithms import ALGORITHMS
+    from .output import failure_note
+
+    if cfg is None:
+        return "nothing was written"
+    calibrated = cfg.algo in ALGORITHMS and ALGORITHMS.get(cfg.algo).needs_calibration
+    return failure_note(cfg.output, calibrated=calibrated)
 
 
 if __name__ == "__main__":
