@@ -129,7 +129,9 @@ def _fused_experts(model, planned: dict, skip: Iterable[str]) -> dict[str, tuple
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
         if p.dim() == 3 and "expert" in name and owner not in planned and not any(r.search(owner) for r in skip_res):
-            out[name] = tuple(p.shape)
+            e, o, i = p.shape
+            # a fused gate_up is written as separate gate and up projections (the Hub's per-expert names)
+            out[name] = (2 * e, o // 2, i) if "gate_up" in name else (e, o, i)
     return out
 
 
