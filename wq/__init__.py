@@ -8,6 +8,10 @@
 
 __version__ = "0.1.0"
 
+from .threads import configure_openmp  # noqa: E402
+
+configure_openmp()  # before torch loads: OpenMP threads sleep while they wait (a busy machine; see threads.py)
+
 from .api import QuantReport, quantize_model  # noqa: E402
 from .cast import cast_model  # noqa: E402
 from .config import QuantConfig  # noqa: E402
