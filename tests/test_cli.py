@@ -76,3 +76,18 @@ def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
     assert base["tokens"] == quant["tokens"] and base["seqlen"] == 128
     assert quant["ppl"] > base["ppl"] > 1  # 3-bit RTN costs perplexity
     assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()
+
+
+def test_summary_shows_the_error_the_algorithm_minimises():
+    from wq.api import LayerReport, QuantReport
+    from wq.quantize import objective_rows
+
+    rep = QuantReport("W4G128", "gptq")
+    rep.layers = {f"l{i}": LayerReport("W4G128", 0.15, 0.1, 10, 3, {"output_error": e, "rtn_output_error": r})
+                  for i, (e, r) in enumerate([(0.04, 0.06), (0.02, 0.04)])}
+    ((label, value),) = objective_rows(rep)
+    assert label == "mean relative output error" and value.startswith("0.0300 (rtn on the same inputs: 0.0500")
+    rep.layers = {"l": LayerReport("W2G128", 0.3, 0.1, 10, 3, {"loss": 1.0, "rtn_loss": 2.0})}
+    assert objective_rows(rep) == [("block output loss", "0.500x rtn's on the same blocks (what gptq minimises)")]
+    rep.layers = {"l": LayerReport("W4G128", 0.1, 0.1, 10, 3, {})}
+    assert objective_rows(rep) == []

@@ -56,6 +56,9 @@ def test_gptq_output_error_below_rtn(real_layer, scheme):
     assert got == pytest.approx(res.stats["loss"], rel=1e-3)
     assert got < 0.8 * rtn, (scheme, got, rtn)
     assert res.packed.g_idx is None and res.packed.scales.shape == (s.n_groups(576), w.shape[0])
+    ref = output_error(w, torch.zeros_like(w), H)  # the relative errors the CLI's summary shows
+    assert res.stats["output_error"] == pytest.approx((got / ref) ** 0.5, rel=1e-3)
+    assert res.stats["rtn_output_error"] == pytest.approx((rtn / ref) ** 0.5, rel=1e-3)
 
 
 @pytest.mark.parametrize("scheme", ["W4G128", "W2G128"])

@@ -23,6 +23,7 @@ from .. import primitives as P
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
+from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def gptq_quantize(
 
     damp: fraction of the mean diagonal added to H; block: columns per lazy update; act_order /
     static_groups: see the module doc; mse: search a clipped range per group instead of min-max.
-    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used.
+    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used, output_error =
+    sqrt(loss / tr(W H W^T)) (relative output error on the calibration inputs) and rtn_output_error, the same
+    for round-to-nearest codes.
     """
     W = w.detach().float().clone()  # [out, in]
     out_f, in_f = W.shape
@@ -140,7 +143,15 @@ def gptq_quantize(
     w_hat = packed.dequantize(torch.float32)  # [out, in]
     E = w.float() - w_hat
     loss = float((E @ H0 * E).sum())
-    return QuantResult(packed, P.relative_error(w, w_hat), {"loss": loss, "damp": used_damp})
+    # the error gptq minimises, relative, next to round-to-nearest's on the same inputs: gptq trades weight error
+    # (often above rtn's) for output error, so the weight error alone reads like a regression
+    W0 = w.float()
+    ref = float((W0 @ H0 * W0).sum())
+    E_rtn = W0 - rtn_quantize(W0, scheme, mse=mse).packed.dequantize(torch.float32)
+    rtn_loss = float((E_rtn @ H0 * E_rtn).sum())
+    stats = {"loss": loss, "damp": used_damp, "output_error": (loss / ref) ** 0.5 if ref > 0 else 0.0,
+             "rtn_output_error": (rtn_loss / ref) ** 0.5 if ref > 0 else 0.0}
+    return QuantResult(packed, P.relative_error(w, w_hat), stats)
 
 
 @ALGORITHMS.register("gptq")
