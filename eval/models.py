@@ -62,7 +62,8 @@ def quant_info(path: str) -> dict | None:
     if scheme is None and qc.get("bits") is not None:
         g = qc.get("group_size", -1)
         scheme = f"W{qc['bits']}G{g}"
-    return {"scheme": scheme, "quant_method": qc.get("quant_method"), "format": meta.get("format")}
+    return {"scheme": scheme, "quant_method": qc.get("quant_method"), "format": meta.get("format"),
+            "algo": meta.get("algo") or (qc.get("quant_method") if not meta else None)}
 
 
 def bits_per_weight(model) -> float | None:
@@ -80,13 +81,23 @@ def bits_per_weight(model) -> float | None:
     return total_bits / total_w if total_w else None
 
 
+RESERVED = ("baseline", "deltas", "settings", "versions", "models", "schema")
+
+
 def model_name(spec: str, info: dict | None, taken: set[str]) -> str:
-    """The quantized model's name in the report: its scheme when known, else its directory name."""
-    base = (info or {}).get("scheme") or Path(str(spec).rstrip("/")).name or str(spec)
-    name, i = str(base), 2
-    while name in taken or name in ("baseline", "deltas", "settings", "versions", "models", "schema"):
-        name, i = f"{base}-{i}", i + 1
-    return name
+    """The quantized model's name in the report: its directory and algorithm, "w4g128 (gptq)". A directory name
+    already taken gets its parent's in front ("a/w4 (rtn)", "b/w4 (rtn)"), then a number."""
+    algo = (info or {}).get("algo")
+    parts = Path(str(spec).rstrip("/")).parts or (str(spec),)
+    suffix = f" ({algo})" if algo else ""
+    for depth in range(1, len(parts) + 1):
+        name = "/".join(parts[-depth:]) + suffix
+        if name not in taken and name not in RESERVED:
+            return name
+    base, i = "/".join(parts) + suffix, 2
+    while f"{base}-{i}" in taken:
+        i += 1
+    return f"{base}-{i}"
 
 
 def fingerprint(spec: str, revision: str | None = None) -> str:

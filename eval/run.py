@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from wq.config import HelpFormatter
 from wq.kernels.dispatch import exact_kernels
 
 from . import models as M
@@ -100,6 +101,23 @@ def _evaluate_model(model, tokenizer, data, tasks, *, batch_size, task_batch_siz
     return res if state.is_main_process else None
 
 
+def _evaluate_quant(model, qtok, name, info, spec, tok, data, tasks, forward, dt, state, kw) -> dict | None:
+    """One quantized model under the run's protocol: {"model", "path", "scheme", "algo", "bits_per_weight", ...}.
+    A model the caller passed in is given back with its QuantLinears restored."""
+    bpw = M.bits_per_weight(model)
+    replaced = M.dequantize_linears(model, dt) if forward == "dequantized" else {}
+    if qtok is not None and qtok.get_vocab() != tok.get_vocab():
+        log.warning("%s: its tokenizer differs from the baseline's; evaluating with the baseline's", name)
+    res = _evaluate_model(model, tok, data, tasks, label=name, **kw)
+    M.restore_linears(model, replaced)
+    del model, replaced
+    _free()
+    if not state.is_main_process:
+        return None
+    return {"model": str(spec), "scheme": (info or {}).get("scheme"), "algo": (info or {}).get("algo"),
+            "bits_per_weight": bpw, **res}
+
+
 def _free():
     """Release memory after the caller dropped its last reference to a model."""
     gc.collect()
@@ -138,8 +156,9 @@ def evaluate(
     the first N windows only; limit: first N docs per task. dtype: one for every model (default fp32 on
     CPU, bf16 on GPU). quant_forward: "kernels" runs the packed kernels, "dequantized" swaps in nn.Linear
     with the dequantized weights (the reference kernel's numbers, far faster on CPU); "auto" = kernels on
-    GPU, dequantized on CPU. names: report names for the quant entries. cache: reuse a cached baseline result
-    for the same (model, revision, settings). out: also write report.json/.md/.png there.
+    GPU, dequantized on CPU. names: report names for the quant entries (default: directory and algorithm).
+    cache: reuse the cached results of a model evaluated before under the same settings and versions (the baseline,
+    and every checkpoint directory: keyed by its files' names, sizes and modification times). out: also write report.json/.md/.png there.
     Under several processes every rank calls this; rank 0 gets the report, the others None.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -168,28 +187,42 @@ def evaluate(
     kw = dict(batch_size=batch_size, task_batch_size=task_batch_size, limit=limit, add_bos=add_bos,
               num_fewshot=num_fewshot, local_docs=local_docs, state=state)
 
-    # ---- baseline, cached by (model, revision, settings, versions)
-    key_src = {"v": CACHE_VERSION, "model": M.fingerprint(base_path, revision),
-               "settings": {k: v for k, v in settings.items()
-                            if k not in ("world_size", "ppl_batch_size", "quant_forward")},
-               "versions": {k: v for k, v in versions().items() if k != "wq"}}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cache_file = baseline_cache_dir() / f"baseline-{key}.json"
-    base_res = None
-    if cache and state.is_main_process and cache_file.exists():
-        base_res = json.loads(cache_file.read_text())
-        log.info("baseline from cache %s", cache_file)
-    base_res = _broadcast(base_res, state) if cache else None
-    if base_res is None:
+    # ---- every model's results are cached by (its files, the settings, the versions): a re-run, or the baseline of
+    # the next run, is read back instead of recomputed. In-memory models are not cached.
+    cache_settings = {k: v for k, v in settings.items() if k not in ("world_size", "ppl_batch_size")}
+
+    def cached(kind: str, fingerprint: str, compute):
+        if not cache:
+            return compute()
+        wq_version = {} if kind == "baseline" else {"wq": versions().get("wq")}
+        key_src = {"v": CACHE_VERSION, "model": fingerprint, "settings": cache_settings,
+                   "versions": {**{k: v for k, v in versions().items() if k != "wq"}, **wq_version}}
+        if kind == "baseline":  # the dense model does not depend on how quantized layers run
+            key_src["settings"] = {k: v for k, v in cache_settings.items() if k != "quant_forward"}
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        cache_file = baseline_cache_dir() / f"{kind}-{key}.json"
+        res = None
+        if state.is_main_process and cache_file.exists():
+            res = json.loads(cache_file.read_text())
+            log.info("%s: results from the cache %s (--no-cache recomputes)", kind, cache_file)
+        res = _broadcast(res, state)
+        if res is None:
+            res = compute()
+            if state.is_main_process:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(res))
+                os.replace(tmp, cache_file)
+        return res
+
+    def run_baseline():
         model, _, _ = M.load_model(base_path, device=dev, dtype=dt, revision=revision)
-        base_res = _evaluate_model(model, tok, data, tasks, label="baseline", **kw)
+        res = _evaluate_model(model, tok, data, tasks, label="baseline", **kw)
         del model
         _free()
-        if cache and state.is_main_process:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(base_res))
-            os.replace(tmp, cache_file)
+        return res
+
+    base_res = cached("baseline", M.fingerprint(base_path, revision), run_baseline)
     if state.is_main_process:
         base_res = {"model": str(baseline), "path": base_path, "bits_per_weight": 16.0, **base_res}
 
@@ -197,26 +230,25 @@ def evaluate(
     results, taken = {}, set()
     for i, q in enumerate(quants):
         if isinstance(q, torch.nn.Module):
-            model, qtok, spec = q, None, getattr(getattr(q, "config", None), "name_or_path", None) or "model"
-            scheme = (getattr(q, "wq_quant", None) or {}).get("scheme")
-            info = {"scheme": scheme} if scheme else None
+            wq_quant = getattr(q, "wq_quant", None) or {}
+            info = {"scheme": wq_quant.get("scheme"), "algo": wq_quant.get("algo")}
+            spec = getattr(getattr(q, "config", None), "name_or_path", None) or "model"
+            name = names[i] if names else M.model_name(info["scheme"] or "model", info, taken)
+            res = _evaluate_quant(q, None, name, info, spec, tok, data, tasks, forward, dt, state, kw)
         else:
             spec = str(q)
-            model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
-        name = names[i] if names else M.model_name(spec, info, taken)
+            path = M.resolve(spec)
+            info = M.quant_info(path)
+            name = names[i] if names else M.model_name(spec, info, taken)
+
+            def run_one(spec=spec, name=name):
+                model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
+                return _evaluate_quant(model, qtok, name, info, spec, tok, data, tasks, forward, dt, state, kw)
+
+            res = cached("quant", M.fingerprint(path), run_one)
         taken.add(name)
-        bpw = M.bits_per_weight(model)
-        replaced = M.dequantize_linears(model, dt) if forward == "dequantized" else {}
-        if qtok is not None and qtok.get_vocab() != tok.get_vocab():
-            log.warning("%s: its tokenizer differs from the baseline's; evaluating with the baseline's", name)
-        res = _evaluate_model(model, tok, data, tasks, label=name, **kw)
         if state.is_main_process:
-            results[name] = {"model": str(spec), "scheme": (info or {}).get("scheme"),
-                             "bits_per_weight": bpw, **res}
-        if isinstance(q, torch.nn.Module):
-            M.restore_linears(model, replaced)
-        del model, replaced
-        _free()
+            results[name] = res
 
     if not state.is_main_process:
         return None
@@ -228,8 +260,7 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--baseline", default="default", help="hub id, directory, or 'default' (bundled model)")
     p.add_argument("--quant", action="append", required=True, help="quantized checkpoint directory (repeatable)")
     p.add_argument("--ppl", nargs="*", action="extend", default=None,
@@ -239,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", action="extend", default=None,
                    help="lm-eval tasks or presets: austen (offline), paper, leaderboard")
     p.add_argument("--limit", type=int, default=None, help="first N docs per task")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
     p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward")
-    p.add_argument("--task-batch-size", type=int, default=8)
+    p.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (requests lm-eval's own path scores at once)")
     p.add_argument("--dtype", default=None, help="float32|bfloat16|float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
     p.add_argument("--quant-forward", choices=M.QUANT_FORWARDS, default="auto",
@@ -250,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend BOS to task requests (default: as the tokenizer does)")
     p.add_argument("--local-docs", type=int, default=500, help="docs per local Austen task")
     p.add_argument("--revision", default=None, help="baseline hub revision")
-    p.add_argument("--no-cache", action="store_true", help="re-evaluate the baseline even if cached")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-evaluate every model, even those whose results are cached for these settings")
     p.add_argument("-o", "--out", default=None, help="report directory (default: <first quant>/eval)")
     return p
 

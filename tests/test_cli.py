@@ -72,7 +72,7 @@ def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
     meta = json.loads((out / "wq.json").read_text())
     (dataset,) = meta["eval"]["baseline"]["ppl"]
     base = meta["eval"]["baseline"]["ppl"][dataset]
-    quant = meta["eval"]["W3G128"]["ppl"][dataset]
+    quant = meta["eval"]["w3 (rtn)"]["ppl"][dataset]
     assert base["tokens"] == quant["tokens"] and base["seqlen"] == 128
     assert quant["ppl"] > base["ppl"] > 1  # 3-bit RTN costs perplexity
     assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()

@@ -50,12 +50,10 @@ def _decode(model, ids, tokens: int) -> tuple[torch.Tensor, float]:
     return out, tokens / (time.perf_counter() - t0)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wq.generate", description=__doc__, formatter_class=_HelpFormatter)
+    from .config import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m wq.generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a directory written by wq (python -m wq.quantize ... -o DIR)")
     p.add_argument("--prompt", default="It is a truth universally acknowledged, that", help="the prompt")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per timed run")

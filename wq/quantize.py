@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantConfig
+from .config import HelpFormatter, QuantConfig
 from .errors import UserError
 from .scheme import QuantScheme
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Hugging Face causal LM's Linear weights (weight-only) and save a checkpoint "
         "that transformers, vLLM and wq load.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face hub id or local directory; omit or 'default' for the bundled "
