@@ -12,6 +12,7 @@ from wq.estimate import (
     meta_model,
     model_tensors,
     packed_linear_bytes,
+    peak_disk_bytes,
 )
 from wq.scheme import QuantScheme
 
@@ -73,6 +74,16 @@ def test_fused_experts_are_counted():
     experts = 2 * 4 * (2 * packed_linear_bytes(96, 64, QuantScheme.parse("W4G32")) +
                        packed_linear_bytes(64, 96, QuantScheme.parse("W4G32")))
     assert est.quantized_bytes >= experts and est.quantized_layers >= 2 * 4 * 3
+
+
+def test_peak_disk_adds_the_resume_directory(tmp_path):
+    src = tmp_path / "src"
+    make_tiny_llama().save_pretrained(src)
+    plain = estimate_checkpoint(src, "W4G32")
+    assert peak_disk_bytes(src, "W4G32") == plain.checkpoint_bytes
+    acts = calibration_bytes(meta_model(str(src)), nsamples=16, seqlen=64, block_algo=False)
+    assert peak_disk_bytes(src, "W4G32", calibration=(16, 64, False)) == (
+        plain.checkpoint_bytes + plain.quantized_bytes + plain.kept_bytes + acts)
 
 
 def test_calibration_bytes():

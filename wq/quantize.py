@@ -111,27 +111,21 @@ def validate(cfg: QuantConfig) -> None:
 
 
 def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
-    """Disk the run needs at its peak (the checkpoint, plus a calibrated run's resume directory), estimated from
-    the model's config and tensor headers; None (no space check) when the config cannot be read."""
+    """Disk the run needs at its peak (wq.estimate.peak_disk_bytes); None (no space check) when the model's
+    config cannot be built on the meta device."""
     from .algorithms import ALGORITHMS
-    from .estimate import calibration_bytes, estimate_checkpoint, meta_model
+    from .estimate import peak_disk_bytes
 
+    algo = ALGORITHMS.get(cfg.algo)
+    calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
     try:
-        model = meta_model(path)
-        est = estimate_checkpoint(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
-                                  formats=max(1, len(cfg.format)), model=model)
+        return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
+                               formats=max(1, len(cfg.format)), calibration=calib)
     except UserError:
         raise
     except Exception as e:  # e.g. an architecture transformers cannot build from its config alone
         log.warning("could not estimate the checkpoint size (%s: %s); free space is not checked", type(e).__name__, e)
         return None
-    algo = ALGORITHMS.get(cfg.algo)
-    total = est.checkpoint_bytes
-    if algo.needs_calibration:  # <out>.partial: the finished blocks (about one checkpoint) and the activations
-        total += est.quantized_bytes + est.kept_bytes + calibration_bytes(
-            model, nsamples=cfg.nsamples, seqlen=cfg.seqlen, block_algo=getattr(algo, "granularity", "") == "block")
-    log.debug("estimated peak disk use %.1f MB (checkpoint %.1f MB)", total / 2**20, est.checkpoint_bytes / 2**20)
-    return total
 
 
 def tokenizer_reason(cfg: QuantConfig) -> str | None:
