@@ -189,7 +189,8 @@ def test_cli_overwrite_swaps_and_late_failure_is_one_line(tiny_dir, tmp_path, mo
     monkeypatch.setattr("wq.io._write_shards", full_disk)
     assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), "--no-progress", "--overwrite"]) == 1
     err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and "No space left on device" in err and f"{out} is unchanged" in err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "No space left on device" in errors[0] and f"{out} is unchanged" in errors[0]
     assert json.loads((out / "wq.json").read_text())["scheme"] == "W8G-1"
     assert _leftovers(tmp_path) == []
