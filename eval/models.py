@@ -35,10 +35,12 @@ def parse_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
     return table[name]
 
 
-def resolve(spec: str) -> str:
-    from wq.assets import resolve_model
+def resolve(spec: str, revision: str | None = None) -> str:
+    """The directory or Hub id to load: "default" is the bundled model; a path-like argument that does not exist,
+    broken shards or an unreachable Hub fail here in one line (wq.source.ModelSourceError / ShardError)."""
+    from wq.source import resolve_source
 
-    return resolve_model(spec)
+    return resolve_source(spec, revision).path
 
 
 def _read_json(path: Path) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from wq.config import HelpFormatter
+from wq.errors import UserError
 from wq.kernels.dispatch import exact_kernels
 
 from . import models as M
@@ -169,7 +170,10 @@ def evaluate(
     forward = M.resolve_quant_forward(quant_forward, dev)
     quants = list(quant) if isinstance(quant, list | tuple) else [quant]
     tasks = check_tasks(tasks, local_docs)  # unknown names fail here, before any model runs
-    base_path = M.resolve(baseline)
+    base_path = M.resolve(baseline, revision)
+    for q in quants:  # a mistyped --quant fails now, not after the baseline ran
+        if not isinstance(q, torch.nn.Module):
+            M.resolve(str(q))
     tok = tokenizer or AutoTokenizer.from_pretrained(base_path, revision=revision)
     seqlen = clip_seqlen(AutoConfig.from_pretrained(base_path, revision=revision), seqlen)
     data = {}
@@ -293,16 +297,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = args.out or os.path.join(args.quant[0], "eval")
-    try:  # evaluate() checks the task names before it loads anything
-        report = evaluate(
-            args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
-            tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
-            batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
-            device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
-            num_fewshot=args.num_fewshot, local_docs=args.local_docs,
-            revision=args.revision, cache=not args.no_cache, out=out,
-        )
-    except UnknownTaskError as e:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:  # evaluate() checks the task names and model paths before it loads anything
+        with logging_redirect_tqdm():  # log lines above the progress bars, not inside them
+            report = evaluate(
+                args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
+                tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
+                batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
+                device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
+                num_fewshot=args.num_fewshot, local_docs=args.local_docs,
+                revision=args.revision, cache=not args.no_cache, out=out,
+            )
+    except (UnknownTaskError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report is not None:

@@ -88,6 +88,18 @@ def test_cli_writes_reports_next_to_the_first_quant(tiny_dir, tmp_path):  # noqa
     assert list(rep["baseline"]["ppl"]) == ["persuasion"]
 
 
+def test_cli_names_a_missing_quant_dir_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "w4").mkdir(parents=True)
+    (tmp_path / "out" / "w4" / "gptq").mkdir()
+    (tmp_path / "out" / "w4" / "gptq" / "config.json").write_text("{}")
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert run.main(["--baseline", tiny_dir, "--quant", "out/w3", "--no-cache"]) == 2
+    assert "no such local directory" in capsys.readouterr().err
+    assert run.main(["--baseline", tiny_dir, "--quant", "out/w4", "--no-cache"]) == 2
+    assert "holds the formats gptq: give out/w4/<format>" in capsys.readouterr().err
+
+
 def test_model_helpers(tiny_w4_dir, tiny_dir):  # noqa: F811
     assert M.quant_info(tiny_dir) is None
     assert M.quant_info(tiny_w4_dir)["scheme"] == "W4G32" and M.quant_info(tiny_w4_dir)["algo"] == "rtn"

@@ -66,6 +66,11 @@ def test_threads_follow_the_load(monkeypatch):
     assert not threads.configure_openmp(env) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert generate.cli([str(tmp_path / "nope"), "--baseline", "none"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_help_names_the_module_and_defaults(capsys):
     with pytest.raises(SystemExit):
         generate.main(["--help"])

@@ -143,5 +143,19 @@ def _run(args, threads: int, why: str) -> dict[str, float]:
     return med
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m wq.generate`: a missing checkpoint or model is one line (exit 2), not a traceback."""
+    from .errors import UserError
+
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

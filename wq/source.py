@@ -67,8 +67,10 @@ def check_local_model(directory: str | os.PathLike, spec: str | None = None) -> 
     d = Path(directory)
     name = spec or str(d)
     if not (d / "config.json").is_file():
-        raise ModelSourceError(f"model {name}: no config.json in {d}; give a Hugging Face model directory "
-                               "(config.json + weights) or a Hub id")
+        subdirs = sorted(x.name for x in d.iterdir() if (x / "config.json").is_file())
+        hint = (f"; it holds the formats {', '.join(subdirs)}: give {name.rstrip('/')}/<format>" if subdirs else
+                "; give a Hugging Face model directory (config.json + weights) or a Hub id")
+        raise ModelSourceError(f"model {name}: no config.json in {d}{hint}")
     if not any((d / f).is_file() for f in WEIGHT_FILES):
         raise ModelSourceError(f"model {name}: no weights in {d} (none of {', '.join(WEIGHT_FILES)})")
     check_shards(d)
