@@ -28,6 +28,17 @@ def configure_openmp(env: dict | None = None) -> bool:
     return "torch" not in sys.modules
 
 
+def hint_if_too_late(log) -> None:
+    """torch was imported before wq, without a wait policy, on a machine busier than its CPUs: say what to set (once;
+    OpenMP cannot change its policy after it started)."""
+    load = load_average()
+    if ("torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+            and load is not None and load > cpu_count()):
+        log.warning("load average %.1f on %d CPUs and torch was imported before wq: set OMP_WAIT_POLICY=PASSIVE before "
+                    "starting Python (on a busy machine OpenMP's spinning default made CPU work up to 10x slower "
+                    "here; see wq/threads.py)", load, cpu_count())
+
+
 def load_average() -> float | None:
     """The 1-minute load average (runnable processes, all users), or None where the OS has none."""
     try:
