@@ -103,12 +103,15 @@ def model_name(spec: str, info: dict | None, taken: set[str]) -> str:
 
 
 def fingerprint(spec: str, revision: str | None = None) -> str:
-    """Identifies the weights of a model for the baseline cache: a local directory by its files' names,
-    sizes and mtimes; a hub id by id and revision."""
+    """Identifies the weights of a model for the result cache: a local directory by its weight, config and
+    tokenizer files' names, sizes and mtimes (not wq.json, which --eval rewrites with the results); a hub id by id
+    and revision."""
     p = Path(spec)
     if p.is_dir():
         h = hashlib.sha256(str(p.resolve()).encode())
         for f in sorted(p.iterdir()):
+            if f.name == "wq.json":
+                continue
             if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file():
                 st = f.stat()
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

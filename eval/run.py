@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -35,6 +33,7 @@ from wq.errors import UserError
 from wq.kernels.dispatch import exact_kernels
 
 from . import models as M
+from .cache import ResultCache
 from .local_tasks import LOCAL_TASKS_VERSION
 from .ppl import clip_seqlen, load_ppl_data, perplexity
 from .report import SCHEMA, build_report, write_report
@@ -42,7 +41,6 @@ from .tasks import UnknownTaskError, check_tasks, resolve_add_bos, run_tasks
 
 log = logging.getLogger("eval.run")
 
-CACHE_VERSION = 1
 
 
 def dist_state(device: str | None = None):
@@ -70,14 +68,6 @@ def versions() -> dict:
         except (ImportError, AttributeError):
             out[mod] = None
     return out
-
-
-def _broadcast(obj, state):
-    if state.num_processes <= 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @exact_kernels()  # the report measures the weights: no int8 rounding of activations by a CPU speed kernel
@@ -191,42 +181,52 @@ def evaluate(
     kw = dict(batch_size=batch_size, task_batch_size=task_batch_size, limit=limit, add_bos=add_bos,
               num_fewshot=num_fewshot, local_docs=local_docs, state=state)
 
-    # ---- every model's results are cached by (its files, the settings, the versions): a re-run, or the baseline of
-    # the next run, is read back instead of recomputed. In-memory models are not cached.
-    cache_settings = {k: v for k, v in settings.items() if k not in ("world_size", "ppl_batch_size")}
+    # ---- every model's results are cached per part (each perplexity dataset, the task list): what was measured
+    # before under the same settings and versions is read back, and a model is loaded only for what is missing
+    cache_ = ResultCache(baseline_cache_dir(), enabled=cache, state=state, versions=versions())
+    run_on = {"dtype": settings["dtype"], "device": settings["device"]}
+    ppl_parts = {k: {"part": "ppl", "dataset": k, "protocol": d.protocol, "seqlen": seqlen, "windows": windows,
+                     **run_on} for k, d in data.items()}
+    task_part = {"part": "tasks", **(settings["tasks"] or {}), **run_on} if tasks else None
 
-    def cached(kind: str, fingerprint: str, compute):
-        if not cache:
-            return compute()
-        wq_version = {} if kind == "baseline" else {"wq": versions().get("wq")}
-        key_src = {"v": CACHE_VERSION, "model": fingerprint, "settings": cache_settings,
-                   "versions": {**{k: v for k, v in versions().items() if k != "wq"}, **wq_version}}
-        if kind == "baseline":  # the dense model does not depend on how quantized layers run
-            key_src["settings"] = {k: v for k, v in cache_settings.items() if k != "quant_forward"}
-        key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        cache_file = baseline_cache_dir() / f"{kind}-{key}.json"
-        res = None
-        if state.is_main_process and cache_file.exists():
-            res = json.loads(cache_file.read_text())
-            log.info("%s: results from the cache %s (--no-cache recomputes)", kind, cache_file)
-        res = _broadcast(res, state)
-        if res is None:
-            res = compute()
-            if state.is_main_process:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(res))
-                os.replace(tmp, cache_file)
+    def measure(kind: str, fingerprint: str, extra: dict, compute) -> dict | None:
+        """Cached parts merged with the missing ones, which compute(data, tasks) -> result measures."""
+        paths = {("ppl", k): cache_.path(kind, fingerprint, {**part, **extra}) for k, part in ppl_parts.items()}
+        if task_part is not None:
+            paths[("tasks",)] = cache_.path(kind, fingerprint, {**task_part, **extra})
+        hits = {p: cache_.get(path) for p, path in paths.items()}
+        todo_data = {k: d for k, d in data.items() if hits[("ppl", k)] is None}
+        todo_tasks = tasks if task_part is not None and hits[("tasks",)] is None else []
+        res = {"ppl": {}, "tasks": {}, "seconds": 0.0}
+        if todo_data or todo_tasks:
+            res = compute(todo_data, todo_tasks)
+            if res is None:  # not rank 0
+                return None
+            meta = {k: v for k, v in res.items() if k not in ("ppl", "tasks", "seconds")}
+            for k in todo_data:
+                cache_.put(paths[("ppl", k)], {**meta, "ppl": {k: res["ppl"][k]}})
+            if todo_tasks:
+                cache_.put(paths[("tasks",)], {**meta, "tasks": res["tasks"]})
+        if not state.is_main_process:
+            return None
+        for hit in hits.values():
+            if hit is not None:
+                for key, value in hit.items():
+                    if key in ("ppl", "tasks"):
+                        res[key].update(value)
+                    else:
+                        res.setdefault(key, value)
+        res["ppl"] = {k: res["ppl"][k] for k in data}  # the order asked for
         return res
 
-    def run_baseline():
+    def run_baseline(todo_data, todo_tasks):
         model, _, _ = M.load_model(base_path, device=dev, dtype=dt, revision=revision)
-        res = _evaluate_model(model, tok, data, tasks, label="baseline", **kw)
+        res = _evaluate_model(model, tok, todo_data, todo_tasks, label="baseline", **kw)
         del model
         _free()
         return res
 
-    base_res = cached("baseline", M.fingerprint(base_path, revision), run_baseline)
+    base_res = measure("baseline", M.fingerprint(base_path, revision), {}, run_baseline)
     if state.is_main_process:
         base_res = {"model": str(baseline), "path": base_path, "bits_per_weight": 16.0, **base_res}
 
@@ -245,11 +245,14 @@ def evaluate(
             info = M.quant_info(path)
             name = names[i] if names else M.model_name(spec, info, taken)
 
-            def run_one(spec=spec, name=name):
+            def run_one(todo_data, todo_tasks, spec=spec, name=name):
                 model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
-                return _evaluate_quant(model, qtok, name, info, spec, tok, data, tasks, forward, dt, state, kw)
+                return _evaluate_quant(model, qtok, name, info, spec, tok, todo_data, todo_tasks, forward, dt, state,
+                                       kw)
 
-            res = cached("quant", M.fingerprint(path), run_one)
+            res = measure("quant", M.fingerprint(path), {"quant_forward": forward}, run_one)
+            if res is not None:
+                res.update(model=spec, scheme=(info or {}).get("scheme"), algo=(info or {}).get("algo"))
         taken.add(name)
         if state.is_main_process:
             results[name] = res

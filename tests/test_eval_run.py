@@ -73,6 +73,13 @@ def test_results_cache_is_reused_and_keyed_by_settings(tiny_dir, tiny_w4_dir, tm
     run.evaluate(tiny_w4_dir, baseline=tiny_dir, **{**kw, "windows": 3})  # other settings -> other key
     assert len(list((tmp_path / "cache").glob("baseline-*.json"))) == 2
     assert len(list((tmp_path / "cache").glob("quant-*.json"))) == 2
+    # adding tasks to the same perplexity settings computes only the tasks (e.g. after wq.quantize --eval)
+    calls = []
+    real = run.perplexity
+    monkeypatch.setattr(run, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    third = run.evaluate(tiny_w4_dir, baseline=tiny_dir, tasks=["austen"], limit=2, local_docs=20, **kw)
+    assert calls == [] and third["baseline"]["ppl"]["prideprejudice"]["ppl"] == 12345.0
+    assert third[NAME]["tasks"]["austen_lastword"]["n"] == 2
 
 
 def test_cli_writes_reports_next_to_the_first_quant(tiny_dir, tmp_path):  # noqa: F811
