@@ -61,6 +61,25 @@ def test_end_to_end_default_model(tmp_path, real_tokenizer, capsys):
     assert torch.isfinite(logits.float()).all()
 
 
+def test_eval_flag_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """--eval: the checkpoint's perplexity next to its source model's, report files and wq.json "eval"."""
+    from eval_helpers import _tiny_dir
+
+    monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "w3"
+    argv = [_tiny_dir(), "--scheme", "W3G32", "-o", str(out), "--no-progress", "--eval", "--eval-seqlen", "64",
+            "--eval-windows", "3", "--eval-ppl", "austen"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ppl (seqlen 64): baseline" in printed and "eval report:" in printed
+    meta = json.loads((out / "wq.json").read_text())
+    base = meta["eval"]["baseline"]["ppl"]["prideprejudice"]
+    quant = meta["eval"]["w3 (rtn)"]["ppl"]["prideprejudice"]
+    assert base["tokens"] == quant["tokens"] == 3 * 63 and quant["nll_sum"] != base["nll_sum"]
+    assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()
+
+
+@pytest.mark.slow  # the bundled model end to end; the same path runs fast on a tiny model above
 def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "w3"
