@@ -90,12 +90,12 @@ def test_save_is_atomic_and_refuses_existing(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite"):
         wq.save(tiny_model, out)
 
-    import wq.io as io
+    import wq.writing.shards as shards
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", disk_full)
+    monkeypatch.setattr(shards, "save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
         wq.save(tiny_model, tmp_path / "new")
     assert not (tmp_path / "new").exists()

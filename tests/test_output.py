@@ -135,10 +135,10 @@ def test_save_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     model = make_tiny_llama()
     wq.quantize_model(model, "W8G-1", progress=False)
 
-    def full_disk(state, target, *a, **k):
+    def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("wq.io._write_shards", full_disk)
+    monkeypatch.setattr("wq.writing.shards.save_file", full_disk)
     with pytest.raises(OSError, match="No space"):
         wq.save(model, out, overwrite=True)
     assert (out / "wq.json").read_text() == before and _leftovers(tmp_path) == []
@@ -149,12 +149,13 @@ def test_save_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 def test_failure_note_and_resume_mismatch(tmp_path):
     out = tmp_path / "out"
-    assert failure_note(out, calibrated=False).startswith(f"nothing was written to {out}")
+    assert failure_note(out).startswith(f"nothing was written to {out}")
     partial = tmp_path / "out.partial"
     partial.mkdir()
     (partial / "state.json").write_text("{}")
     (partial / "block_0000.safetensors").write_bytes(b"\0" * 3000)
-    note = failure_note(out, calibrated=True)
+    assert "--resume" not in failure_note(out, resumable=False)
+    note = failure_note(out)
     assert str(partial) in note and "KB" in note and "--resume" in note
     err = resume_mismatch(partial, {"algo": "gptq", "settings": {"damp": 0.01}, "samples": [128, 2048]},
                           {"algo": "gptq", "settings": {"damp": 0.1}, "samples": [64, 2048]})
@@ -183,10 +184,10 @@ def test_cli_overwrite_swaps_and_late_failure_is_one_line(tiny_dir, tmp_path, mo
     assert json.loads((out / "wq.json").read_text())["scheme"] == "W8G-1"
     capsys.readouterr()
 
-    def full_disk(state, target, *a, **k):
+    def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("wq.io._write_shards", full_disk)
+    monkeypatch.setattr("wq.writing.shards.save_file", full_disk)
     assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), "--no-progress", "--overwrite"]) == 1
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("error:")]

@@ -42,11 +42,15 @@ class QuantConfig:
                                         "(everything in it is deleted)")
     device: str | None = _f(None, "compute device for quantization (cpu, cuda, cuda:1); default: cuda if "
                             "available else cpu")
-    skip: list[str] = _f(["lm_head"], "regex of Linear names to leave unquantized, repeatable (default: lm_head)",
-                         repeat=True, metavar="PATTERN")
+    skip: list[str] = _f(["lm_head", r"(^|\.)(gate|router)$", r"shared_experts?_gate$"],
+                         "regex of Linear names to leave unquantized, repeatable (default: lm_head and MoE "
+                         "routers / shared-expert gates); expert projections are named like "
+                         "'mlp.experts.17.gate_proj'", repeat=True, metavar="PATTERN")
     override: list[str] = _f([], "per-layer scheme, repeatable: PATTERN=SCHEME, e.g. 'down_proj=W8G128' "
                              "(mixed precision; =BF16 keeps the layer unquantized)", repeat=True,
                              metavar="PATTERN=SCHEME")
+    strict: bool = _f(False, "fail (before any work) when less than 99%% of the decoder blocks' weights would be "
+                      "quantized, instead of warning")
     mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
     # calibration
     calib: str | None = _f(None, "calibration text: a Hub dataset name, a local .txt/.jsonl file or folder; "
@@ -56,12 +60,18 @@ class QuantConfig:
     seed: int = _f(0, "random seed for sample selection and algorithms")
     batch_size: int = _f(8, "calibration batch size")
     low_mem: bool = _f(False, "keep calibration activations on CPU between blocks")
+    stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "
+                      "on disk, so memory does not grow with the model; --no-stream loads it whole first")
+    hessian_budget: float = _f(4.0, "gptq: GiB of Hessians held at once; a block needing more is calibrated in "
+                               "several passes (same result)")
     resume: bool = _f(False, "continue an interrupted calibrated run from its last finished block")
     # algorithm settings
     damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     act_order: bool = _f(False, "gptq: quantize columns in order of decreasing Hessian diagonal "
                          "(static groups keep g_idx valid)")
     block_size: int = _f(128, "gptq: columns per lazy-update block")
+    expert_min_tokens: int = _f(128, "gptq: an MoE expert the router sends fewer calibration tokens than this is "
+                                "quantized with the Hessian of all tokens (logged and in the report)")
     iters: int = _f(200, "autoround: signed-gradient iterations per block")
     lr: float | None = _f(None, "autoround: learning rate (default 1/iters)")
     # evaluation
@@ -99,7 +109,8 @@ class QuantConfig:
 
     def algo_args(self) -> dict[str, Any]:
         """Settings handed to the algorithm (each algorithm takes what it knows)."""
-        return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed")}
+        return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed",
+                                              "expert_min_tokens")}
 
     # -------------------------------------------------------------------------------- CLI
     @classmethod

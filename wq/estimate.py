@@ -195,16 +195,18 @@ def calibration_bytes(model_or_config, *, nsamples: int, seqlen: int, block_algo
 
 def peak_disk_bytes(path: str | os.PathLike, scheme: QuantScheme | str, *, skip: Iterable[str] = ("lm_head",),
                     override: Iterable[str] | dict | None = None, formats: int = 1,
-                    calibration: tuple[int, int, bool] | None = None) -> int:
-    """Disk a run writes at its peak: the checkpoint (every format), plus for a calibrated run
-    (calibration = (nsamples, seqlen, block_algo)) its resume directory <out>.partial beside it, which holds the
-    finished blocks (about one checkpoint) and the activations until the checkpoint is complete."""
+                    calibration: tuple[int, int, bool] | None = None, staged: bool = False) -> int:
+    """Disk a run writes at its peak: the checkpoint (every format), plus the resume directory <out>.partial beside
+    it until the checkpoint is complete: the finished blocks (about one checkpoint) when a calibrated or a streamed
+    (`staged`) run keeps them there, and for a calibrated run (calibration = (nsamples, seqlen, block_algo)) the
+    activations between two blocks."""
     model = meta_model(str(path))
     est = estimate_checkpoint(path, scheme, skip=skip, override=override, formats=formats, model=model)
     total = est.checkpoint_bytes
+    if staged or calibration is not None:
+        total += est.quantized_bytes + est.kept_bytes
     if calibration is not None:
         nsamples, seqlen, block_algo = calibration
-        total += est.quantized_bytes + est.kept_bytes + calibration_bytes(model, nsamples=nsamples, seqlen=seqlen,
-                                                                          block_algo=block_algo)
+        total += calibration_bytes(model, nsamples=nsamples, seqlen=seqlen, block_algo=block_algo)
     log.debug("estimated peak disk use %.1f MB (checkpoint %.1f MB)", total / 2**20, est.checkpoint_bytes / 2**20)
     return total

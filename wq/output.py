@@ -158,14 +158,15 @@ def partial_dir(output: str | os.PathLike) -> Path:
     return Path(str(output).rstrip("/") + ".partial")
 
 
-def failure_note(output: str | os.PathLike | None, *, calibrated: bool) -> str:
-    """What a failed or interrupted run left behind and how to continue: for the end of an error line."""
+def failure_note(output: str | os.PathLike | None, *, resumable: bool = True) -> str:
+    """What a failed or interrupted run left behind and how to continue: for the end of an error line.
+    resumable: the run keeps finished blocks in <output>.partial (calibrated and streamed runs do)."""
     if not output:
         return ""
     out = Path(output)
     kept = (f"{output} is unchanged" if out.exists() else f"nothing was written to {output}")
     partial = partial_dir(output)
-    if calibrated and (partial / "state.json").exists():
+    if resumable and (partial / "state.json").exists():
         return (f"{kept}; the finished blocks are kept in {partial} ({human_bytes(dir_bytes(partial))}): rerun the "
                 "same command with --resume to continue from there")
     return f"{kept}; rerun the same command once the cause is fixed"

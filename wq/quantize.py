@@ -118,9 +118,10 @@ def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
 
     algo = ALGORITHMS.get(cfg.algo)
     calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
+    staged = cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast  # finished blocks staged in <out>.partial
     try:
         return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
-                               formats=max(1, len(cfg.format)), calibration=calib)
+                               formats=max(1, len(cfg.format)), calibration=calib, staged=staged)
     except UserError:
         raise
     except Exception as e:  # e.g. an architecture transformers cannot build from its config alone
@@ -200,9 +201,12 @@ def objective_rows(report) -> list[tuple[str, str]]:
 
 
 def summary_table(report, before: int, after: int, total_seconds: float, out_dirs) -> str:
+    cov = report.coverage or {}
     rows = [
         ("scheme / algorithm", f"{report.scheme} / {report.algo}"),
         ("layers quantized", str(len(report.layers))),
+        ("weights quantized", f"{cov.get('blocks_share', 1.0):.1%} of the decoder blocks', "
+                              f"{cov.get('model_share', 1.0):.1%} of the model's (embeddings/head included)"),
         ("layers skipped", f"{len(report.skipped)}" + (f" ({', '.join(list(report.skipped)[:3])}"
                                                        f"{', ...' if len(report.skipped) > 3 else ''})"
                                                        if report.skipped else "")),
@@ -218,7 +222,17 @@ def summary_table(report, before: int, after: int, total_seconds: float, out_dir
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    table = "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    if cov:
+        from .nn.coverage import KINDS
+
+        by_kind = [f"  {k}: {cov[k]['quantized']:,} quantized, {cov[k]['kept']:,} kept" for k in KINDS
+                   if cov.get(k) and cov[k]["quantized"] + cov[k]["kept"]]
+        table += "\nweights by kind (matrix elements):\n" + "\n".join(by_kind)
+        if cov.get("blocks_share", 1.0) < 0.99:
+            table += (f"\nWARNING: {1 - cov['blocks_share']:.1%} of the decoder blocks' weights are NOT quantized "
+                      f"(see wq.json coverage.kept_in_blocks; --strict makes this an error)")
+    return table
 
 
 def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
@@ -228,6 +242,16 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     validate(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast:
+        from .loading.shards import ShardError
+        from .loading.skeleton import StreamError
+
+        try:
+            return run_streamed(cfg, device, progress=progress, t0=t0)
+        except (StreamError, ShardError) as e:
+            if cfg.resume:
+                raise UserError(f"cannot stream this model ({e}); a streamed --resume needs the same source") from None
+            log.warning("cannot stream this model block by block (%s); loading it whole instead", e)
     model, tok, path = load_model(cfg.model, None, tokenizer_needed=tokenizer_reason(cfg))
     log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     before = model_bytes(model)
@@ -236,7 +260,8 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     calib = cfg.calib
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
-        device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
+        device=device if device != "cpu" else None, progress=progress, strict=cfg.strict, **_calib_args(cfg),
+        **cfg.algo_args(),
     )
     after = model_bytes(model)
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
@@ -247,6 +272,53 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) -> dict:
+    """The default path: the model read block by block from its shards (wq.stream), memory estimated first."""
+    from .algorithms import ALGORITHMS
+    from .loading.shards import ShardReader
+    from .loading.skeleton import Skeleton
+    from .nn import plan_layers
+    from .plan.memory import estimate_streamed
+    from .source import load_tokenizer, resolve_source
+    from .stream import quantize_streamed
+
+    source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line
+    sk = Skeleton(ShardReader.open(source.path))
+    algo = ALGORITHMS.get(cfg.algo)
+    calibrated = algo.needs_calibration
+    plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
+    from .calib.distributed import rank_world
+
+    est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
+                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=rank_world()[1], low_mem=cfg.low_mem,
+                            device=device, hessian_budget=int(cfg.hessian_budget * 2**30))
+    log.info("%s", est.table())
+    if not est.fits:
+        if not cfg.force:
+            raise UserError(est.advice() + " (or --force to try anyway)")
+        log.warning("%s; going on (--force)", est.advice())
+    tok = None
+    if calibrated:  # data-free runs copy the tokenizer files, if any, and need none loaded
+        tok = load_tokenizer(source, required=True, why=f" ({tokenizer_reason(cfg)})")
+    before = sk.reader.total_bytes()
+    settings = {**_calib_args(cfg), **cfg.algo_args()}
+    settings.pop("output", None)
+    settings.pop("resume", None)
+    resume = cfg.resume
+    if calibrated:
+        settings["hessian_budget"] = int(cfg.hessian_budget * 2**30)
+    result = quantize_streamed(
+        sk, cfg.scheme, cfg.output, algo=cfg.algo, calib=cfg.calib, tokenizer=tok, skip=cfg.skip,
+        override=cfg.override, formats=cfg.format or None, device=device if device != "cpu" else None,
+        progress=progress, strict=cfg.strict, overwrite=cfg.overwrite, recipe=cfg, resume=resume,
+        extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "streamed": True}, **settings)
+    dirs = result["dirs"]
+    sizes = json.loads((Path(dirs[0]) / "wq.json").read_text()).get("size_bytes", {}) if dirs else {}
+    before, after = sizes.get("before", before), sizes.get("after", 0)
+    summary = summary_table(result["report"], before, after, time.perf_counter() - t0, dirs)
+    return {"report": result["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": tok}
 
 
 def run_cast(cfg: QuantConfig, model, tok, before: int, t0: float) -> dict:
@@ -320,6 +392,7 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .api import CoverageError
     from .output import is_environment_error
     from .scheme import SchemeError
 
@@ -339,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with _transformers_progress(args.progress), logging_redirect_tqdm():  # log lines above the bars, not in them
             result = run(cfg, progress=args.progress)
-    except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, SchemeError, FileExistsError, FileNotFoundError, CoverageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -388,7 +461,7 @@ def _note(cfg: QuantConfig | None) -> str:
     if cfg is None:
         return "nothing was written"
     calibrated = cfg.algo in ALGORITHMS and ALGORITHMS.get(cfg.algo).needs_calibration
-    return failure_note(cfg.output, calibrated=calibrated)
+    return failure_note(cfg.output, resumable=calibrated or cfg.stream)
 
 
 if __name__ == "__main__":

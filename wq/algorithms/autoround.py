@@ -293,7 +293,9 @@ def autoround_block(
                 best = [t.snapshot() for t in states]
             if not need_grad:
                 break
-            grads = torch.autograd.grad(loss, params)
+            # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             step = lr * (1.0 - it / iters)  # linear decay to 0
             with torch.no_grad():
                 torch._foreach_add_(params, torch._foreach_sign(grads), alpha=-step)

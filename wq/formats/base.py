@@ -29,7 +29,8 @@ class Format:
         return None
 
     def prepare(self, layers: dict[str, PackedWeight]) -> dict[str, Any]:
-        """Checkpoint-wide choices made once from all layers (e.g. GPTQ v1 vs v2)."""
+        """Checkpoint-wide choices made once from all layers (e.g. GPTQ v1 vs v2). In streamed runs the
+        layers are PackedWeight.summary()s: read schemes, shapes, g_idx and zero-point values only."""
         return {}
 
     def layer_tensors(self, pw: PackedWeight, options: dict[str, Any]) -> dict[str, Tensor]:

@@ -76,8 +76,8 @@ class QuantLinear(nn.Module):
         # in-place edits (load_state_dict) make a new plan
         qw = b["qweight"]
         key = (x.device, x.dtype, x.numel() // x.shape[-1] if x.numel() else 1,
-               (dispatch.forced_kernel(), dispatch.exact_only()), id(qw), qw._version, b["scales"]._version,
-               b["zeros"]._version)
+               (dispatch.forced_kernel(), dispatch.exact_only()), id(qw), ops.tensor_version(qw), ops.tensor_version(b["scales"]),
+               ops.tensor_version(b["zeros"]))
         plans = self.__dict__.setdefault("_plans", {})
         run = plans.get(key)
         if run is None:

@@ -1,0 +1,1 @@
+"""Planning a run before any weight is loaded: what it will need (memory) and what it will quantize."""
