@@ -37,8 +37,8 @@ def parse_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
 
 def resolve(spec: str, revision: str | None = None) -> str:
     """The directory or Hub id to load: "default" is the bundled model; a path-like argument that does not exist,
-    broken shards or an unreachable Hub fail here in one line (wq.source.ModelSourceError / ShardError)."""
-    from wq.source import resolve_source
+    broken shards or an unreachable Hub fail here in one line (wq.loading.source.ModelSourceError / ShardError)."""
+    from wq.loading.source import resolve_source
 
     return resolve_source(spec, revision).path
 

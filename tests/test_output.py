@@ -11,8 +11,8 @@ import pytest
 from conftest import make_tiny_llama
 
 import wq
-from wq.output import OutputError, check_output, failure_note, is_checkpoint, resume_mismatch, swap_in
 from wq.quantize import main
+from wq.writing.output import OutputError, check_output, failure_note, is_checkpoint, resume_mismatch, swap_in
 
 
 @pytest.fixture

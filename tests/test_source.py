@@ -5,7 +5,7 @@ import time
 import pytest
 from conftest import make_tiny_llama
 
-from wq import source as S
+from wq.loading import source as S
 from wq.quantize import main
 
 

@@ -92,7 +92,7 @@ def save_cast(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, confi
               extra: dict | None = None) -> list[Path]:
     """Write a cast model as a plain checkpoint (no quantization_config) + wq.json (+ fp16_audit.json)."""
     from .io import WQ_JSON, atomic_dir, wq_meta
-    from .output import occupied
+    from .writing.output import occupied
 
     quant = model.wq_quant
     out = Path(out)

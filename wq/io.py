@@ -29,15 +29,15 @@ from torch import nn
 from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
 from .fp8 import FP8_DTYPES
+from .loading.headers import check_shards, shard_files
 from .nn import QuantExperts, QuantLinear, linear_shape, set_module
 from .nn import compact as compact_layers
 from .nn.experts import find_fused_experts, fused_layout
 from .nn.hub_names import HubNames
-from .output import check_not_working_dir, occupied, swap_in
 from .packing import PackedWeight
 from .scheme import QuantScheme
-from .shards import check_shards, shard_files
 from .writing.checkpoint import WQ_JSON, FormatWriter, versions, wq_meta  # noqa: F401  (re-exported)
+from .writing.output import check_not_working_dir, occupied, swap_in
 from .writing.shards import MAX_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def default_format(scheme: QuantScheme | str) -> str:
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to write into; on success it is swapped in (an old `out` is renamed aside
-    and deleted only after: wq.output.swap_in), on any failure (full disk, Ctrl-C) it is removed: never a
+    and deleted only after: wq.writing.output.swap_in), on any failure (full disk, Ctrl-C) it is removed: never a
     half-written directory that looks done, never the old and the new one both lost."""
     check_not_working_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,8 +100,8 @@ def validate(cfg: QuantConfig) -> None:
         raise UserError(str(e)) from None
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
-    from .output import check_output
-    from .source import resolve_source
+    from .loading.source import resolve_source
+    from .writing.output import check_output
 
     where = dict(overwrite=cfg.overwrite, overwrite_non_checkpoint=cfg.overwrite_non_checkpoint)
     check_output(cfg.output, **where)  # the cheap checks first
@@ -111,10 +111,10 @@ def validate(cfg: QuantConfig) -> None:
 
 
 def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
-    """Disk the run needs at its peak (wq.estimate.peak_disk_bytes); None (no space check) when the model's
+    """Disk the run needs at its peak (wq.plan.sizes.peak_disk_bytes); None (no space check) when the model's
     config cannot be built on the meta device."""
     from .algorithms import ALGORITHMS
-    from .estimate import peak_disk_bytes
+    from .plan.sizes import peak_disk_bytes
 
     algo = ALGORITHMS.get(cfg.algo)
     calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
@@ -147,7 +147,7 @@ def load_model(name: str | None, device: str | None, *, tokenizer_needed: str | 
     the run needs a tokenizer, or None when it can go without (then a model without one loads with tok None)."""
     from transformers import AutoModelForCausalLM
 
-    from .source import load_tokenizer, resolve_source
+    from .loading.source import load_tokenizer, resolve_source
 
     source = resolve_source(name)  # checks the path, the shards' headers, the Hub's reachability
     path = source.path
@@ -279,9 +279,9 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     from .algorithms import ALGORITHMS
     from .loading.shards import ShardReader
     from .loading.skeleton import Skeleton
+    from .loading.source import load_tokenizer, resolve_source
     from .nn import plan_layers
     from .plan.memory import estimate_streamed
-    from .source import load_tokenizer, resolve_source
     from .stream import quantize_streamed
 
     source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line
@@ -393,8 +393,8 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from .api import CoverageError
-    from .output import is_environment_error
     from .scheme import SchemeError
+    from .writing.output import is_environment_error
 
     cfg = None
     try:
@@ -456,7 +456,7 @@ def _transformers_progress(enabled: bool):
 def _note(cfg: QuantConfig | None) -> str:
     """What a failed or interrupted run kept and how to continue it."""
     from .algorithms import ALGORITHMS
-    from .output import failure_note
+    from .writing.output import failure_note
 
     if cfg is None:
         return "nothing was written"

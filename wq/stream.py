@@ -33,9 +33,9 @@ from .loading.skeleton import Skeleton
 from .nn import DEFAULT_SKIP, materialize, plan_layers
 from .nn.coverage import coverage
 from .nn.surgery import linear_candidates
-from .output import occupied
 from .scheme import QuantScheme
 from .writing.assemble import assemble
+from .writing.output import occupied
 
 log = logging.getLogger(__name__)
 

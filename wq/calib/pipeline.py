@@ -367,7 +367,7 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
             log.warning("--resume: no partial run in %s; starting from the first block", ckpt.dir)
         if state is not None:
             if state["fingerprint"] != ckpt.fingerprint:
-                from ..output import resume_mismatch
+                from ..writing.output import resume_mismatch
 
                 raise resume_mismatch(ckpt.dir, state["fingerprint"], ckpt.fingerprint)  # names the flags
             start = state["next_block"]

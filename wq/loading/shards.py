@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
@@ -30,7 +32,7 @@ SINGLE = "model.safetensors"
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A checkpoint that cannot be read as safetensors shards (names the file and the cause)."""
 
 

@@ -2,7 +2,7 @@
 
 Two sources, no weights read from either:
 - `model_tensors(path)`: every tensor's shape, dtype and bytes, from the safetensors headers of a local
-  model directory (wq.shards), or, when no weights are local (a Hub id whose config.json is cached), from
+  model directory (wq.loading.headers), or, when no weights are local (a Hub id whose config.json is cached), from
   the model built on the meta device from its config. Per decoder block too (`block_bytes`), which is what
   a block-by-block pipeline holds at a time.
 - `estimate_checkpoint(path, scheme, ...)`: the bytes the quantized checkpoint will take on disk. Which
@@ -26,16 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .scheme import QuantScheme
-from .shards import TensorInfo, check_shards, shard_files
+from ..loading.headers import TensorInfo, check_shards, shard_files
+from ..loading.source import TOKENIZER_FILES
+from ..scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
 BLOCK_RE = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3"
 TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "spiece.model", "vocab.txt", "tekken.json", "chat_template.jinja")
 SMALL_FILES_BYTES = 1024**2  # config.json, generation_config.json, wq.json, index
 
 
@@ -140,7 +139,7 @@ def estimate_checkpoint(path: str | os.PathLike, scheme: QuantScheme | str, *, s
                         dtype: torch.dtype = torch.bfloat16, model=None) -> SizeEstimate:
     """Bytes the checkpoint of `scheme` will take on disk for the model at `path` (a local directory or a Hub
     id whose config is cached). formats: how many --format directories are written (each a full copy)."""
-    from .nn import plan_layers
+    from ..nn import plan_layers
 
     scheme = QuantScheme.parse(scheme)
     model = model if model is not None else meta_model(str(path))

@@ -2,7 +2,7 @@
 Hub id. Every failure is one line that says what was tried and what to do.
 
 - A local directory must hold config.json and weights; its safetensors files are checked by their headers
-  (truncated, corrupt, missing shards named; wq.shards).
+  (truncated, corrupt, missing shards named; wq.loading.headers).
 - An argument that looks like a path (./x, /x, ~/x, x/y/z, or whose first part exists here) and does not exist
   is reported as a missing local path, not looked up on the Hub.
 - A Hub id is looked up in the local Hub cache first; if it is not there, the Hub is probed once (a few
@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError
-from .estimate import TOKENIZER_FILES
-from .shards import check_shards
+from ..errors import UserError
+from .headers import check_shards
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "spiece.model", "vocab.txt", "tekken.json", "chat_template.jinja")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -127,7 +128,7 @@ def _cached(repo_id: str, revision: str | None = None) -> bool:
 
 def resolve_source(spec: str | None, revision: str | None = None) -> ModelSource:
     """The bundled default, a checked local directory, or a Hub id that is cached or reachable."""
-    from .assets import DEFAULT_MODEL, resolve_model
+    from ..assets import DEFAULT_MODEL, resolve_model
 
     if spec in (None, "", DEFAULT_MODEL):
         path = resolve_model(None)

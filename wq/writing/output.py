@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from conftest import make_tiny_llama
 from safetensors.torch import save_file
 
 import wq
-from wq.shards import ShardError, check_shards, read_header, shard_files
+from wq.loading.headers import ShardError, check_shards, read_header, shard_files
 
 
 def _write(path, tensors):

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .shards import ShardError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -26,10 +26,6 @@ MAX_HEADER = 100 * 1024**2  # safetensors' own limit on the JSON header
 # bytes per element of each safetensors dtype (F4 packs two per byte)
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5}
-
-
-class ShardError(UserError):
-    """A safetensors file that cannot be read as it stands (the message names the file and the cause)."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_llama
 
 import wq
-from wq.estimate import (
+from wq.plan.sizes import (
     block_bytes,
     calibration_bytes,
     estimate_checkpoint,
