@@ -60,6 +60,8 @@ class QuantConfig:
     seed: int = _f(0, "random seed for sample selection and algorithms")
     batch_size: int = _f(8, "calibration batch size")
     low_mem: bool = _f(False, "keep calibration activations on CPU between blocks")
+    model_free: bool = _f(True, "rtn, FP8 and BF16 go tensor by tensor through the shards without building the model "
+                          "(FP16 too when the model does not fit in memory; its activation audit needs the model)")
     stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "
                       "on disk, so memory does not grow with the model; --no-stream loads it whole first")
     hessian_budget: float = _f(4.0, "gptq: GiB of Hessians held at once; a block needing more is calibrated in "

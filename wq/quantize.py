@@ -241,7 +241,13 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     validate(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .calib.distributed import init_from_env, is_main
+
+    device = init_from_env(cfg.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # torchrun: join
+    if cfg.model_free and is_main():
+        done = run_model_free(cfg, progress=progress, t0=t0)
+        if done is not None:
+            return done
     if cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast:
         from .loading.shards import ShardError
         from .loading.skeleton import StreamError
@@ -264,14 +270,61 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
         **cfg.algo_args(),
     )
     after = model_bytes(model)
-    dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
-                   overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
-                                                   "size_bytes": {"before": before, "after": after}})
+    dirs = []
+    if is_main():  # under torchrun every rank calibrated its share; one writes
+        dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
+                       overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
+                                                       "size_bytes": {"before": before, "after": after}})
     from .calib import clear_checkpoint
 
-    clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
+    if is_main():
+        clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def run_model_free(cfg: QuantConfig, *, progress: bool, t0: float) -> dict | None:
+    """rtn / FP8 / casts tensor by tensor (wq.model_free) when the run allows it; None: take another path."""
+    from .algorithms import ALGORITHMS
+    from .assets import resolve_model
+    from .loading.shards import ShardError, ShardReader
+    from .model_free import ModelFreeError, cast_model_free, check, quantize_model_free
+    from .plan.memory import available_bytes
+
+    scheme = QuantScheme.parse(cfg.scheme)
+    if ALGORITHMS.get(cfg.algo).needs_calibration or cfg.resume:
+        return None
+    path = resolve_model(cfg.model)
+    if not Path(path).expanduser().is_dir():
+        return None  # a Hub id: the streamed path downloads it
+    try:
+        reader = ShardReader(Path(path).expanduser())
+        if scheme.is_cast:
+            avail = available_bytes()
+            if scheme.fmt == "fp16" and (avail is None or reader.total_bytes() * 3 < avail):
+                return None  # fits: the in-memory path audits the activations too
+            if scheme.fmt == "fp16":
+                log.warning("the model does not fit in memory for the FP16 activation audit: casting tensor by tensor "
+                            "with the weight audit only")
+            res = cast_model_free(reader, scheme, cfg.output, force=cfg.force, overwrite=cfg.overwrite,
+                                  progress=progress, recipe=cfg)
+            summary = (f"{scheme}: plain checkpoint {res['dirs'][0]} (model-free, "
+                       f"{res['report']['convert_seconds']:.1f} s); total {time.perf_counter() - t0:.1f} s")
+            return {"report": res["report"], "dirs": res["dirs"], "summary": summary, "model": None, "tokenizer": None}
+        check(reader)
+    except (ShardError, ModelFreeError) as e:
+        log.info("not model-free (%s): loading the model block by block instead", e)
+        return None
+    log.info("model-free %s: tensor by tensor through %s", scheme, reader.path)
+    res = quantize_model_free(reader, scheme, cfg.output, skip=cfg.skip, override=cfg.override,
+                              formats=cfg.format or None, overwrite=cfg.overwrite, progress=progress, recipe=cfg,
+                              strict=cfg.strict, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)"},
+                              mse=cfg.mse)
+    dirs = res["dirs"]
+    sizes = json.loads((Path(dirs[0]) / "wq.json").read_text()).get("size_bytes", {})
+    summary = summary_table(res["report"], sizes.get("before", 0), sizes.get("after", 0), time.perf_counter() - t0,
+                            dirs)
+    return {"report": res["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": None}
 
 
 def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) -> dict:
@@ -424,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {type(e).__name__}: {msg}; {_note(cfg)}", file=sys.stderr)
         return 1
+    from .calib.distributed import is_main
+
+    if not is_main():  # the other ranks of a torchrun have nothing to report (rank 0 wrote the checkpoint)
+        return 0
     print(result["summary"])
     if cfg.eval:
         print(run_eval(cfg, result))

@@ -34,7 +34,7 @@ from .nn import DEFAULT_SKIP, materialize, plan_layers
 from .nn.coverage import coverage
 from .nn.surgery import linear_candidates
 from .scheme import QuantScheme
-from .writing.assemble import assemble
+from .writing.assemble import assemble, staged_parts
 from .writing.output import occupied
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,11 @@ def quantize_streamed(source: str | Path | Skeleton, scheme: QuantScheme | str, 
     log.info("streaming %s: %d decoder blocks of %.1f MiB each (%s), %d tensors in %d file(s)", sk.reader.path,
              len(sk), sk.block_bytes() / 2**20, sk.dtype, len(sk.reader.weight_map),
              len(set(sk.reader.weight_map.values())))
-    sk.load_outside("cpu")
     report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
+    if not algorithm.needs_calibration and not is_main():  # nothing to share out: rank 0 does it all
+        log.info("%s takes no calibration data: this rank has nothing to do", algo)
+        return {"report": report, "dirs": [], "skeleton": sk}
+    sk.load_outside("cpu")
     t0 = time.perf_counter()
     if algorithm.needs_calibration:
         quantize_calibrated(model, plan, algorithm, report, calib=calib, tokenizer=tokenizer, device=device,
@@ -165,7 +168,7 @@ def _write(sk: Skeleton, plan, shapes, quant: dict, output: Path, formats: list[
     unquantized = [n for n, m in sk.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in plan]
     with atomic_dir(output) as tmp:
         targets = {f: (tmp / f if len(formats) > 1 else tmp) for f in formats}
-        assemble(staging, targets, names=sk.names, prefix=sk.prefix, n_blocks=len(sk),
+        assemble(list(staged_parts(staging, sk.prefix, len(sk))), targets, names=sk.names,
                  schemes={n: QuantScheme.parse(s) for n, s in quant["layers"].items()}, shapes=shapes,
                  config=sk.config.to_dict(), quant=quant, unquantized=unquantized, tokenizer=tokenizer,
                  generation_config=gen, recipe=recipe, extra=extra)

@@ -79,12 +79,12 @@ def parse_overrides(items: Iterable[str] | dict | None) -> dict[str, QuantScheme
         if "=" not in item:
             raise ValueError(f"--override {item!r}: expected PATTERN=SCHEME, e.g. 'down_proj=W8G128'")
         pattern, scheme = item.rsplit("=", 1)
-        _compile(pattern)
+        compile_pattern(pattern)
         out[pattern] = QuantScheme.parse(scheme)
     return out
 
 
-def _compile(pattern: str) -> re.Pattern:
+def compile_pattern(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
@@ -107,7 +107,7 @@ def plan_layers(
     """
     scheme = QuantScheme.parse(scheme)
     overrides = parse_overrides(override)
-    skip_res = [(p, _compile(p)) for p in skip]
+    skip_res = [(p, compile_pattern(p)) for p in skip]
     planned, skipped = {}, {}
     for name in linear_candidates(model):
         chosen = next((s for p, s in overrides.items() if re.search(p, name)), None)

@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..fp8 import Fp8Weight
-from ..nn.hub_names import HubNames
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .checkpoint import FormatWriter
@@ -83,18 +82,19 @@ def _summaries(parts, schemes, shapes) -> dict:
     return out
 
 
-def assemble(staging: Path, targets: dict[str, Path], *, names: HubNames, prefix: str, n_blocks: int,
-             schemes: dict[str, QuantScheme], shapes: dict[str, tuple[int, int]], config: dict, quant: dict,
-             unquantized: list[str], tokenizer=None, generation_config=None, recipe=None, extra=None,
-             max_bytes: int | None = None) -> None:
-    """Write one checkpoint per format ({format name: directory}) from the staged parts."""
+def assemble(parts: list[tuple[str, Path]], targets: dict[str, Path], *, names, schemes: dict[str, QuantScheme],
+             shapes: dict[str, tuple[int, int]], config: dict, quant: dict, unquantized: list[str], tokenizer=None,
+             generation_config=None, recipe=None, extra=None, max_bytes: int | None = None,
+             summaries: dict | None = None) -> None:
+    """Write one checkpoint per format ({format name: directory}) from staged parts [(key prefix, file)].
+    names: HubNames (or anything with to_hub / hub_module); summaries: the layers' summaries when the
+    caller collected them while staging (else a first pass over the parts reads them)."""
     from ..formats import FORMATS
 
-    parts = list(staged_parts(Path(staging), prefix, n_blocks))
     missing = [str(f) for _, f in parts if not f.exists()]
     if missing:
         raise FileNotFoundError(f"staged parts missing: {missing[:3]} (the run did not finish; rerun with --resume)")
-    summaries = _summaries(parts, schemes, shapes)
+    summaries = summaries if summaries is not None else _summaries(parts, schemes, shapes)
     for fmt_name, target in targets.items():
         target.mkdir(parents=True, exist_ok=True)
         kw = {} if max_bytes is None else {"max_bytes": max_bytes}
