@@ -118,7 +118,8 @@ def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
 
     algo = ALGORITHMS.get(cfg.algo)
     calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
-    staged = cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast  # finished blocks staged in <out>.partial
+    # streamed and model-free runs stage their finished parts in <out>.partial until the checkpoint is assembled
+    staged = (cfg.stream or cfg.model_free) and not QuantScheme.parse(cfg.scheme).is_cast
     try:
         return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
                                formats=max(1, len(cfg.format)), calibration=calib, staged=staged)
