@@ -57,7 +57,7 @@ class Runner:
     def case(self, name: str, cmd: str, expect: str, check, cwd: Path | None = None, timeout: int = 3600,
              setup: str | None = None) -> Case:
         if setup:
-            self.sh(setup, cwd=cwd)
+            self.sh(setup, cwd=self.work)
         c = Case(name, cmd, expect)
         l0 = load1()
         try:

@@ -77,9 +77,9 @@ def test_results_cache_is_reused_and_keyed_by_settings(tiny_dir, tiny_w4_dir, tm
     calls = []
     real = run.perplexity
     monkeypatch.setattr(run, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
-    third = run.evaluate(tiny_w4_dir, baseline=tiny_dir, tasks=["austen"], limit=2, local_docs=20, **kw)
+    third = run.evaluate(tiny_w4_dir, baseline=tiny_dir, tasks=["austen_lastword"], limit=1, local_docs=20, **kw)
     assert calls == [] and third["baseline"]["ppl"]["prideprejudice"]["ppl"] == 12345.0
-    assert third[NAME]["tasks"]["austen_lastword"]["n"] == 2
+    assert third[NAME]["tasks"]["austen_lastword"]["n"] == 1
 
 
 def test_cli_writes_reports_next_to_the_first_quant(tiny_dir, tmp_path):  # noqa: F811
