@@ -72,6 +72,28 @@ def test_unknown_hub_id_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys)
     assert time.perf_counter() - t < 10 and not (tmp_path / "o").exists()
 
 
+def test_a_reachable_hub_is_asked_once(monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    calls = []
+
+    def missing(self, repo_id, **kw):
+        calls.append(repo_id)
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its __init__ wants an HTTP response
+        Exception.__init__(err, "404 Client Error: Repository Not Found")
+        raise err
+
+    monkeypatch.setattr(S, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(S, "_cached", lambda *a: False)
+    monkeypatch.setattr(HfApi, "model_info", missing)
+    with pytest.raises(S.ModelSourceError, match="no such model on the Hub"):
+        S.resolve_source("someone/made-up-model")
+    assert calls == ["someone/made-up-model"]
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kw: object())
+    assert S.resolve_source("someone/real-model").path == "someone/real-model"
+
+
 def test_tokenizer_only_when_text_is_needed(tiny_dir, tmp_path, capsys):
     assert main([str(tiny_dir), "--scheme", "W4G32", "--algo", "gptq", "-o", str(tmp_path / "g"),
                  "--no-progress"]) == 2

@@ -151,7 +151,24 @@ def resolve_source(spec: str | None, revision: str | None = None) -> ModelSource
         raise ModelSourceError(f"model {spec} is not a local directory nor in the Hub cache, and the Hub cannot be "
                                f"reached ({why}); connect to the network, or download the model elsewhere and "
                                "pass its directory")
+    check_on_hub(spec, revision)
     return ModelSource(spec, spec, False, None)
+
+
+def check_on_hub(repo_id: str, revision: str | None = None) -> None:
+    """One request: the repository (and revision) exists and this user may read it; ModelSourceError otherwise."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"model {repo_id}: the Hub has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"model {repo_id}: no such model on the Hub (or it is private: log in with `hf auth "
+                               "login`); a local directory needs a path that exists") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelSourceError(f"model {repo_id}: the Hub did not answer ({' '.join(str(e).split())[:200]})") from None
 
 
 def load_tokenizer(source: ModelSource, *, required: bool, why: str = ""):
