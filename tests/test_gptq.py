@@ -107,3 +107,17 @@ def test_registered_class_needs_hessian():
     assert cls.needs_calibration and cls.granularity == "layer"
     with pytest.raises(ValueError, match="Hessian"):
         cls().quantize_weight(torch.randn(8, 32), QuantScheme.parse("W4G32"))
+
+
+@pytest.mark.parametrize("scheme", ["W4G128", "W3G64", "W2G32", "W4G-1"])
+def test_batched_gptq_gives_the_same_codes(scheme):
+    from wq.algorithms.gptq import gptq_quantize, gptq_quantize_many
+
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(48, 200, generator=g) for _ in range(3)]
+    xs = [torch.randn(300, 200, generator=g) * torch.rand(200, generator=g) * 3 for _ in range(3)]
+    Hs = [2 * x.t() @ x / 300 for x in xs]
+    s = QuantScheme.parse(scheme)
+    for many, w, H in zip(gptq_quantize_many(ws, Hs, s), ws, Hs):
+        one = gptq_quantize(w, H, s)
+        assert torch.equal(many.packed.qweight, one.packed.qweight) and torch.equal(many.packed.scales, one.packed.scales)

@@ -519,23 +519,54 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
     for group in _hessian_groups(block, names, budget):
         H, count, alias = _accumulate(block, group, hidden, kwargs, dev)
         fallback = _expert_fallbacks(block, group, H, count, alias, hidden, kwargs, dev, min_tokens)
-        for rel, scheme in group.items():
+        hessian = {}
+        for rel in group:
             if rel not in alias and rel not in fallback:
                 raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
+            # [in, in]; algorithms must not modify it in place (it may be shared)
+            hessian[rel] = fallback[rel][0] if rel in fallback else H[alias[rel]]
+        for rels in _batches(block, group, algorithm):
             t = time.perf_counter()
-            hess, note = fallback.get(rel, (None, None))
-            if hess is None:
-                hess = H[alias[rel]]  # [in, in]; algorithms must not modify it in place (it may be shared)
-            w = block.get_submodule(rel).weight.detach().float()  # [out, in]
-            res = algorithm.quantize_weight(w, scheme, H=hess)
-            if rel in alias or note:
-                res.stats["tokens"] = count.get(alias.get(rel), 0)
-            if note:
-                res.stats["hessian"] = note
-            results[rel] = res
-            seconds[rel] = time.perf_counter() - t
-        del H
+            ws = [block.get_submodule(rel).weight.detach().float() for rel in rels]  # [out, in] each
+            many = (algorithm.quantize_weights(ws, group[rels[0]], Hs=[hessian[r] for r in rels])
+                    if len(rels) > 1 else None)
+            if many is None:
+                many = [algorithm.quantize_weight(w, group[rel], H=hessian[rel]) for w, rel in zip(ws, rels)]
+            dt = (time.perf_counter() - t) / len(rels)
+            for rel, res in zip(rels, many):
+                if rel in alias or rel in fallback:
+                    res.stats["tokens"] = count.get(alias.get(rel), 0)
+                if rel in fallback:
+                    res.stats["hessian"] = fallback[rel][1]
+                results[rel] = res
+                seconds[rel] = dt
+        del H, hessian
     return results, seconds
+
+
+def _batches(block: nn.Module, group: dict[str, QuantScheme], algorithm, max_bytes: int = 512 * 1024**2):
+    """The order the group's Linears are quantized in: MoE expert projections of one shape and scheme
+    together (for an algorithm with `quantize_weights`, one batched call per bucket of about `max_bytes`
+    of Hessians), everything else one at a time."""
+    if not hasattr(algorithm, "quantize_weights"):
+        return [[rel] for rel in group]
+    experts = set(_experts_of(block, group))
+    buckets: dict[tuple, list[list[str]]] = {}
+    out: list[list[str]] = []
+    for rel in group:
+        if rel.rsplit(".", 2)[0] not in experts:
+            out.append([rel])
+            continue
+        lin = block.get_submodule(rel)
+        key = (lin.in_features, lin.out_features, str(group[rel]), rel.rsplit(".", 1)[1])
+        cap = max(1, max_bytes // (lin.in_features ** 2 * 4 * 3))
+        lists = buckets.setdefault(key, [[]])
+        if len(lists[-1]) >= cap:
+            lists.append([])
+        lists[-1].append(rel)
+    for lists in buckets.values():
+        out.extend(lists)
+    return out
 
 
 def _accumulate(block: nn.Module, names: dict[str, QuantScheme], hidden: list[Tensor], kwargs: list[dict],
