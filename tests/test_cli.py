@@ -28,6 +28,7 @@ def test_help_explains_every_flag():
         (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "no such local directory"),
         (["--override", "down_proj", "-o", "X"], "PATTERN=SCHEME"),
         (["--format", "gtpq", "-o", "X"], "Did you mean 'gptq'"),
+        (["--algo", "gptq", "--calib", "corpus.txt", "-o", "X"], "--calib corpus.txt: no such file"),
     ],
 )
 def test_bad_input_errors(argv, needle, tmp_path, capsys, monkeypatch):

@@ -103,6 +103,13 @@ def validate(cfg: QuantConfig) -> None:
     from .loading.source import resolve_source
     from .writing.output import check_output
 
+    if cfg.calib and ALGORITHMS.get(cfg.algo).needs_calibration:  # a mistyped file: now, not after the model loads
+        from .loading.source import looks_like_path
+
+        calib = Path(cfg.calib).expanduser()
+        if not calib.exists() and (looks_like_path(cfg.calib) or calib.suffix in (".txt", ".jsonl", ".json")):
+            raise UserError(f"--calib {cfg.calib}: no such file or directory (give a text file, a folder of them, or "
+                            "a Hub dataset name)")
     where = dict(overwrite=cfg.overwrite, overwrite_non_checkpoint=cfg.overwrite_non_checkpoint)
     check_output(cfg.output, **where)  # the cheap checks first
     source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line, now
