@@ -175,8 +175,9 @@ def main() -> int:
     setup_notok = (f"rm -rf {notok} && mkdir -p {notok} && cp {cache_model}/config.json {cache_model}/model.safetensors "
                    f"{cache_model}/generation_config.json {notok}/")
     r.case("model without tokenizer files, rtn", f"{q} {notok} --scheme W4G128 -o out/notok",
-           "exit 0: rtn needs no tokenizer (a warning says the checkpoint has none)",
-           lambda c, o, s: (c == 0 and "no tokenizer files" in o, ""), setup=setup_notok)
+           "exit 0: rtn needs no tokenizer; the checkpoint has none",
+           lambda c, o, s: (c == 0 and not (work / "clone" / "out" / "notok" / "tokenizer.json").exists(),
+                            next((x for x in o.splitlines() if "total time" in x), "").strip()), setup=setup_notok)
     r.case("model without tokenizer files, gptq", f"{q} {notok} --scheme W4G128 --algo gptq -o out/notok-gptq",
            "exit 2 before loading, one line naming the tokenizer", error_check("no tokenizer files", max_seconds=60))
     r.case("made-up Hub id (no network)", f"{q} someone/made-up-model --scheme W4G128 -o out/x",
@@ -186,7 +187,8 @@ def main() -> int:
            "exit 2 at once: a missing local path, with the close match",
            error_check("no such local directory", "did you mean", max_seconds=30))
     partial = "out/resume"
-    start = (f"{q} --scheme W4G128 --algo gptq --nsamples 8 --seqlen 128 -o {partial} & pid=$!; "
+    # set -m: job control, else a non-interactive shell starts background jobs with SIGINT ignored
+    start = (f"set -m; {q} --scheme W4G128 --algo gptq --nsamples 8 --seqlen 128 -o {partial} & pid=$!; "
              f"while [ ! -f {partial}.partial/state.json ]; do sleep 1; kill -0 $pid 2>/dev/null || break; done; "
              f"kill -INT $pid; wait $pid; echo rc=$?")
     r.case("Ctrl-C during a calibrated run", start,
