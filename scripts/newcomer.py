@@ -210,7 +210,8 @@ def main() -> int:
     r.case("gptq export of that model at W4G128: consumers", f"{q} {odd} --scheme W4G128 --format gptq -o out/odd-gptq "
            f"&& python -c \"import json; print(json.load(open('out/odd-gptq/wq.json'))['consumers'])\"",
            "wq.json records that vLLM cannot load it", lambda c, o, s: (c == 0 and "'vllm': '" in o,
-                                                                     o.strip().splitlines()[-1][:250]))
+                                                                     next((x for x in o.splitlines() if "'vllm'" in x),
+                                                                          "")[:300]))
 
     # ---------------------------------------------------------------- speed a newcomer feels
     r.case("first gptq run: the kernel build says so", f"{q} --scheme W4G128 --algo gptq --nsamples 8 --seqlen 128 -o out/g",
