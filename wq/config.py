@@ -32,11 +32,14 @@ class QuantConfig:
     scheme: str = _f("W4G128", "quantization scheme: W<bits>G<group>[-sym|-asym] (bits 2/3/4/8, group "
                      "-1/32/64/128/256; symmetric by default at 4/8 bits, asymmetric at 2/3), or BF16/FP16/FP8")
     algo: str = _f("rtn", "algorithm: rtn (no data), gptq or autoround (calibrated)")
-    output: str | None = _f(None, "output directory (written atomically: temp dir, then rename)",
+    output: str | None = _f(None, "output directory, required (written atomically: temp dir, then rename)",
                             flag="--output", short="-o")
     format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
                            "one that gives fast vLLM kernels for the scheme", repeat=True)
-    overwrite: bool = _f(False, "replace OUT if it exists")
+    overwrite: bool = _f(False, "replace OUT if it is a checkpoint wq wrote; the old one is deleted only after the "
+                         "new one is complete")
+    overwrite_non_checkpoint: bool = _f(False, "with --overwrite, also replace an OUT that wq did not write "
+                                        "(everything in it is deleted)")
     device: str | None = _f(None, "compute device for quantization (cpu, cuda, cuda:1); default: cuda if "
                             "available else cpu")
     skip: list[str] = _f(["lm_head", r"(^|\.)(gate|router)$", r"shared_experts?_gate$"],
@@ -134,7 +137,8 @@ class QuantConfig:
             else:
                 kw["type"] = _field_type(f.type)
                 kw["metavar"] = meta.get("metavar") or f.name.upper()
-                help_text += f" (default: {default})"
+                if default is not None and "default" not in help_text:  # each default said once
+                    help_text += f" (default: {default})"
             parser.add_argument(*names, help=help_text, **kw)
 
     @classmethod
@@ -149,6 +153,16 @@ class QuantConfig:
                 value = list(dict.fromkeys(list(getattr(cfg, f.name)) + list(value)))
             setattr(cfg, f.name, value)
         return cfg
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default once: appended unless the help already says it or there
+    is none to say (None, on/off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in text
+        return text if quiet or not action.option_strings else f"{text} (default: %(default)s)"
 
 
 def _field_type(annotation: str):

@@ -29,6 +29,7 @@ from torch import nn
 from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
 from .fp8 import FP8_DTYPES
+from .loading.headers import check_shards, shard_files
 from .nn import QuantExperts, QuantLinear, linear_shape, set_module
 from .nn import compact as compact_layers
 from .nn.experts import find_fused_experts, fused_layout
@@ -36,6 +37,7 @@ from .nn.hub_names import HubNames
 from .packing import PackedWeight
 from .scheme import QuantScheme
 from .writing.checkpoint import WQ_JSON, FormatWriter, versions, wq_meta  # noqa: F401  (re-exported)
+from .writing.output import check_not_working_dir, occupied, swap_in
 from .writing.shards import MAX_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,10 @@ def default_format(scheme: QuantScheme | str) -> str:
 
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to write into; on success it replaces `out` by one rename,
-    on any failure (full disk, Ctrl-C) it is removed: never a half-written directory that looks done."""
+    """Yield a temporary sibling of `out` to write into; on success it is swapped in (an old `out` is renamed aside
+    and deleted only after: wq.writing.output.swap_in), on any failure (full disk, Ctrl-C) it is removed: never a
+    half-written directory that looks done, never the old and the new one both lost."""
+    check_not_working_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -67,9 +71,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,7 +104,7 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
             if reason:
                 raise ValueError(f"format {name!r} cannot store layer {layer} ({s}): {reason}")
     out = Path(out)
-    if out.exists() and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     written = []
     with atomic_dir(out) as tmp:
@@ -153,16 +155,13 @@ def _write_shards(state: dict[str, torch.Tensor], target: Path, max_bytes: int =
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+    files = shard_files(path)
+    if not files:
         raise FileNotFoundError(f"{path}: no model.safetensors (or index) found; is this a wq checkpoint?")
+    check_shards(path, files)  # headers only: a truncated file or missing shard is named before any read
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(load_file(str(f)))
     return state
 
 

@@ -37,6 +37,7 @@ from .nn.coverage import Coverage, weight_kind
 from .nn.surgery import DEFAULT_SKIP, ROUTER_PATTERNS, compile_pattern, parse_overrides
 from .scheme import QuantScheme
 from .writing.assemble import assemble
+from .writing.output import occupied
 from .writing.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
     if scheme.is_cast:
         raise ValueError(f"{scheme}: use cast_model_free")
     output = Path(output)
-    if output.exists() and not overwrite:
+    if occupied(output) and not overwrite:  # an empty directory is filled
         raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     reader = source if isinstance(source, ShardReader) else ShardReader.open(source)
     check(reader)
@@ -227,7 +228,7 @@ def cast_model_free(source: str | Path, scheme: QuantScheme | str, output: str |
     scheme = QuantScheme.parse(scheme)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[scheme.fmt]
     output = Path(output)
-    if output.exists() and not overwrite:
+    if occupied(output) and not overwrite:  # an empty directory is filled
         raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     reader = source if isinstance(source, ShardReader) else ShardReader.open(source)
     stats, t0 = {}, time.perf_counter()

@@ -23,6 +23,7 @@ from .. import primitives as P
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
+from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def gptq_quantize(
 
     damp: fraction of the mean diagonal added to H; block: columns per lazy update; act_order /
     static_groups: see the module doc; mse: search a clipped range per group instead of min-max.
-    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used.
+    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used, output_error =
+    sqrt(loss / tr(W H W^T)) (relative output error on the calibration inputs) and rtn_output_error, the same
+    for round-to-nearest codes.
     """
     W = w.detach().float().clone()  # [out, in]
     out_f, in_f = W.shape
@@ -138,9 +141,25 @@ def gptq_quantize(
             g_idx = torch.tensor(col_group, device=Q.device, dtype=torch.int32)[inv]
     packed = PackedWeight.from_codes(Q, scale, zero, scheme, g_idx=g_idx)
     w_hat = packed.dequantize(torch.float32)  # [out, in]
-    E = w.float() - w_hat
-    loss = float((E @ H0 * E).sum())
-    return QuantResult(packed, P.relative_error(w, w_hat), {"loss": loss, "damp": used_damp})
+    return QuantResult(packed, P.relative_error(w, w_hat), {**_objective(w, w_hat, H0, scheme, mse), "damp": used_damp})
+
+
+def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, rows: int = 512) -> dict:
+    """loss = tr((W-Wq) H (W-Wq)^T), and the error gptq minimises relative to tr(W H W^T), next to round-to-nearest's
+    on the same inputs: gptq trades weight error (often above rtn's) for output error, so the weight error alone
+    reads like a regression. The relative errors sum over every `ceil(out / rows)`-th output row (exact up to
+    `rows` rows; a fixed sample beyond, so they cost at most `rows` x in^2 multiply-adds each)."""
+    W0, H = w.float(), H.float()
+    E = W0 - w_hat
+    loss = float((E @ H * E).sum())
+    step = -(-W0.shape[0] // rows)
+    Ws, Es = W0[::step], E[::step]
+    ref = float((Ws @ H * Ws).sum())
+    E_rtn = Ws - rtn_quantize(W0, scheme, mse=mse).packed.dequantize(torch.float32)[::step]
+    rtn_loss = float((E_rtn @ H * E_rtn).sum())
+    err = float((Es @ H * Es).sum()) if step > 1 else loss
+    return {"loss": loss, "output_error": (err / ref) ** 0.5 if ref > 0 else 0.0,
+            "rtn_output_error": (rtn_loss / ref) ** 0.5 if ref > 0 else 0.0}
 
 
 @torch.no_grad()
@@ -203,9 +222,8 @@ def gptq_quantize_many(ws: list[Tensor], Hs: list[Tensor], scheme: QuantScheme, 
         Q = Qt[b].t().to(torch.int32)  # [out, in]
         packed = PackedWeight.from_codes(Q, scale[b], zero[b], scheme)
         w_hat = packed.dequantize(torch.float32)
-        E = ws[b].float() - w_hat
-        loss = float((E @ Hs[b].float() * E).sum())
-        results.append(QuantResult(packed, P.relative_error(ws[b], w_hat), {"loss": loss, "damp": damps[b]}))
+        stats = {**_objective(ws[b], w_hat, Hs[b], scheme, mse), "damp": damps[b]}
+        results.append(QuantResult(packed, P.relative_error(ws[b], w_hat), stats))
     return results
 
 

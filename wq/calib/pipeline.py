@@ -367,10 +367,9 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
             log.warning("--resume: no partial run in %s; starting from the first block", ckpt.dir)
         if state is not None:
             if state["fingerprint"] != ckpt.fingerprint:
-                diff = sorted(k for k in set(state["fingerprint"]) | set(ckpt.fingerprint)
-                              if state["fingerprint"].get(k) != ckpt.fingerprint.get(k))
-                raise ValueError(f"{ckpt.dir} was made with different settings ({', '.join(diff)}); rerun with "
-                                 f"the same flags to resume, or without --resume to start over")
+                from ..writing.output import resume_mismatch
+
+                raise resume_mismatch(ckpt.dir, state["fingerprint"], ckpt.fingerprint)  # names the flags
             start = state["next_block"]
             for i in range(start if source is None else 0):  # streamed: finished blocks stay staged on disk
                 _restore_block(blocks[i], _names_in(plan, f"{prefix}.{i}"), ckpt.load_block(i))

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
@@ -37,7 +39,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "U32": torch.uint32, "U64": torch.uint64}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A checkpoint that cannot be read as safetensors shards (names the file and the cause)."""
 
 

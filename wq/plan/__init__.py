@@ -1,1 +1,2 @@
-"""Planning a run before any weight is loaded: what it will need (memory) and what it will quantize."""
+"""Planning a run before any weight is loaded: what it will need (memory; disk and tensor sizes) and what it will
+quantize."""
