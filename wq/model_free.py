@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .algorithms import ALGORITHMS
 from .api import LayerReport, QuantReport
 from .fp8 import fp8_result
+from .heap import Trimmer
 from .io import atomic_dir, default_format
 from .loading.shards import ShardReader
 from .nn.coverage import Coverage, weight_kind
@@ -156,6 +157,7 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
     parts, summaries, shapes = [], {}, {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(reader.names()), desc=f"rtn {scheme} (model-free)", unit="tensor", disable=not progress)
+    trimmer = Trimmer()  # the freed heap goes back to the OS as we go (wq/heap.py: RSS grew shard by shard)
     for i, f in enumerate(files):
         part = staging / f"part_{i:05d}"
         part.mkdir()
@@ -179,6 +181,7 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
             else:
                 staged.add(name, t)  # biases of quantized layers stay under their own name too
             bar.update(1)
+            trimmer.tick(t.numel() * t.element_size())
         parts.append(("", part / staged.close()[0]))
         reader.close_file(f)  # done with this source shard
     bar.close()

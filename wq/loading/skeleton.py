@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import Tensor, nn  # noqa: F401
 
+from ..heap import trim
 from ..nn.experts import QuantExperts, find_fused_experts, fused_layout
 from ..nn.hub_names import HubNames
 from ..nn.surgery import set_module
@@ -169,8 +170,9 @@ class Skeleton:
         return block
 
     def release_block(self, i: int) -> None:
-        """Drop block i's tensors (back to the meta device)."""
+        """Drop block i's tensors (back to the meta device) and give the freed heap back (wq/heap.py)."""
         self.blocks[i].to("meta")
+        trim()
 
     def block_bytes(self, i: int = 0) -> int:
         """Bytes of block i in the skeleton's dtype."""

@@ -1,0 +1,44 @@
+"""wq.heap: freed heap memory handed back between tensors and blocks."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+import wq.heap as heap
+
+
+def test_trimmer_trims_once_per_budget(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "trim", lambda: calls.append(1) or True)
+    t = heap.Trimmer(every=100)
+    for n in (40, 40, 19):
+        t.tick(n)
+    assert calls == []  # 99 bytes: not yet
+    t.tick(1)
+    assert calls == [1] and t.since == 0
+    t.tick(250)  # one call however far past the budget
+    assert calls == [1, 1]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_trim_reaches_glibc():
+    assert heap._malloc_trim() is not None
+    heap.trim()  # returns whether memory was released; must not raise
+
+
+def test_releasing_a_streamed_block_trims(monkeypatch, tmp_path):
+    import torch
+    import zoo
+
+    from wq.loading.shards import ShardReader
+    from wq.loading.skeleton import Skeleton
+
+    zoo.build("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setattr("wq.loading.skeleton.trim", lambda: calls.append(1))
+    sk = Skeleton(ShardReader.open(tmp_path))
+    sk.load_block(0, "cpu", torch.float32)
+    sk.release_block(0)
+    assert calls == [1] and all(p.device.type == "meta" for p in sk.blocks[0].parameters())
