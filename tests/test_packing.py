@@ -61,3 +61,27 @@ def test_g_idx_path_matches_default():
     pw = PackedWeight.from_codes(q, scale, zero, s)
     pw_g = PackedWeight(pw.qweight, pw.scales, pw.zeros, s, 96, 16, g_idx=torch.arange(96, dtype=torch.int32) // 32)
     assert torch.equal(pw.dequantize(), pw_g.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_in_slices_equals_pack_at_once(bits, monkeypatch):
+    """Large code matrices are packed a slice of columns at a time (bounded int64 temporaries): same words."""
+    import wq.packing as packing
+
+    q = torch.randint(0, 2**bits, (256, 40), dtype=torch.int32)
+    whole = packing.pack(q, bits, dim=0)
+    monkeypatch.setattr(packing, "_PACK_AT_ONCE", 256 * 3)  # 3 columns per slice, the last one short
+    assert torch.equal(packing.pack(q, bits, dim=0), whole)
+    assert torch.equal(packing.pack(q.t(), bits, dim=1), whole.t())
+
+
+@pytest.mark.parametrize("scheme", ["W4G128", "W3G128", "W2G32-asym", "W8"])
+def test_rtn_in_row_slices_equals_rtn_at_once(scheme):
+    from wq.algorithms.rtn import rtn_quantize
+
+    w = torch.randn(70, 256, dtype=torch.bfloat16)
+    s = QuantScheme.parse(scheme)
+    a, b = rtn_quantize(w, s, max_elements=256 * 8), rtn_quantize(w, s, max_elements=10**9)  # 9 slices vs 1
+    for k in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(a.packed, k), getattr(b.packed, k)), k
+    assert abs(a.error - b.error) < 1e-6 and a.error > 0

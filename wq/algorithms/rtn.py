@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import primitives as P
@@ -9,14 +10,32 @@ from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
 
+ROWS_AT_ONCE = 2**22  # weight elements per slice of output rows: bounds the fp32 temporaries (~16 MiB each)
 
-def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False) -> QuantResult:
-    """w: [out, in] -> codes rounded to nearest under min-max (or MSE-searched) group ranges."""
-    w = w.detach().float()
-    scale, zero = P.search_clip(w, scheme) if mse else P.minmax_qparams(w, scheme)  # [out, n_groups]
-    q = P.quantize(w, scale, zero, scheme)  # [out, in] int32
-    w_hat = P.dequantize(q, scale, zero, scheme.group_for(w.shape[1]))
-    return QuantResult(PackedWeight.from_codes(q, scale, zero, scheme), P.relative_error(w, w_hat))
+
+def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False, max_elements: int = ROWS_AT_ONCE) -> QuantResult:
+    """w: [out, in] -> codes rounded to nearest under min-max (or MSE-searched) group ranges.
+
+    Rows are independent, so the weight is quantized a slice of output rows at a time: the same codes,
+    scales and zeros as all at once, with temporaries of one slice instead of ~8 fp32 copies of the whole
+    weight (measured: +359 MiB peak for one 5632 x 2048 weight, 16x its bf16 size)."""
+    w = w.detach()
+    rows = max(1, max_elements // max(w.shape[1], 1))
+    codes, scales, zeros = [], [], []
+    err_sq = ref_sq = 0.0
+    for r in range(0, w.shape[0], rows):
+        ws = w[r:r + rows].float()  # [rows, in]
+        scale, zero = P.search_clip(ws, scheme) if mse else P.minmax_qparams(ws, scheme)  # [rows, n_groups]
+        q = P.quantize(ws, scale, zero, scheme)  # [rows, in] int32
+        w_hat = P.dequantize(q, scale, zero, scheme.group_for(w.shape[1]))
+        err_sq += float((ws - w_hat).pow(2).sum())
+        ref_sq += float(ws.pow(2).sum())
+        del ws, w_hat
+        codes.append(q)
+        scales.append(scale)
+        zeros.append(zero)
+    q, scale, zero = (torch.cat(t) if len(t) > 1 else t[0] for t in (codes, scales, zeros))
+    return QuantResult(PackedWeight.from_codes(q, scale, zero, scheme), (err_sq / max(ref_sq, 1e-24)) ** 0.5)
 
 
 @ALGORITHMS.register("rtn")
