@@ -17,6 +17,7 @@ it lands in; see `window_nll`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -102,6 +103,29 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids.to(torch.long)
 
 
+_TOKENIZED: dict[tuple[str, str], torch.Tensor] = {}  # (tokenizer, text) fingerprints -> ids, this process
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Same fingerprint, same token ids: the fast tokenizer's whole definition (vocabulary, merges, normalizer,
+    pre-tokenizer, post-processor) hashed; a slow tokenizer's class, vocabulary and name."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    raw = backend.to_str() if backend is not None else repr((type(tokenizer).__name__, tokenizer.name_or_path,
+                                                             sorted(tokenizer.get_vocab().items())))
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+def _tokenized(tokenizer, text: str) -> torch.Tensor:
+    """tokenize_text, once per tokenizer and text in a process: a baseline and its quantized checkpoints carry
+    copies of one tokenizer, and a whole novel costs about a second to tokenize each time."""
+    key = (tokenizer_fingerprint(tokenizer), hashlib.sha1(text.encode()).hexdigest())
+    if key not in _TOKENIZED:
+        if len(_TOKENIZED) >= 8:
+            _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        _TOKENIZED[key] = tokenize_text(tokenizer, text)
+    return _TOKENIZED[key].clone()
+
+
 def cut_windows(ids: torch.Tensor, seqlen: int, n_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] from the start of ids; the tail is dropped."""
     n = ids.numel() // seqlen
@@ -144,7 +168,7 @@ def load_ppl_data(name: str, tokenizer, seqlen: int, n_windows: int | None = Non
         w = c4_windows(tokenizer, _hub_c4_docs(), seqlen, n)
         return PplData(key, w, f"gptq-c4: {n} random segments of {seqlen} from validation shard 0, seed 0")
     text, source = load_text(name)
-    ids = tokenize_text(tokenizer, text)
+    ids = _tokenized(tokenizer, text)
     w = cut_windows(ids, seqlen, n_windows)
     total = ids.numel() // seqlen
     return PplData(

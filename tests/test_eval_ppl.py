@@ -83,3 +83,21 @@ def test_c4_protocol_segments(tokenizer):  # noqa: F811
     b = ppl.c4_windows(tokenizer, docs, seqlen=32, n_windows=6, seed=0)
     assert a.shape == (6, 32) and torch.equal(a, b)  # seeded, only documents longer than seqlen
     assert not torch.equal(a, ppl.c4_windows(tokenizer, docs, seqlen=32, n_windows=6, seed=1))
+
+
+def test_text_is_tokenized_once_per_tokenizer(tokenizer, monkeypatch):  # noqa: F811
+    """A baseline and its checkpoints carry copies of one tokenizer: the novel is tokenized once, with the same ids
+    as tokenizing it afresh; another tokenizer (one token added) gets its own ids."""
+    text = "It is a truth universally acknowledged. " * 50
+    first = ppl._tokenized(tokenizer, text)
+    assert torch.equal(first, ppl.tokenize_text(tokenizer, text))
+    monkeypatch.setattr(ppl, "tokenize_text", lambda *a: pytest.fail("tokenized again"))
+    first[0] = -1  # callers get their own copy
+    assert torch.equal(ppl._tokenized(copy.deepcopy(tokenizer), text)[1:], first[1:])
+    assert ppl._tokenized(copy.deepcopy(tokenizer), text)[0] != -1
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["universally acknowledged"])
+    monkeypatch.undo()
+    assert ppl.tokenizer_fingerprint(other) != ppl.tokenizer_fingerprint(tokenizer)
+    new_id = other.convert_tokens_to_ids("universally acknowledged")
+    assert new_id in ppl._tokenized(other, text) and new_id not in first

@@ -19,12 +19,29 @@ import gpu_check  # noqa: E402
 pytest.importorskip("triton")
 
 
-def test_dry_run_of_the_quick_steps_writes_the_report(tmp_path):
-    out = tmp_path / "gpu"
+def _dry_run(out: Path, *extra: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WQ_KERNEL")}
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--fast", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--fast", "--out", str(out), *extra], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_dry_run_of_the_benchmarks_writes_the_report(tmp_path):
+    """The fast form: the two benchmark steps' CPU forms (the AOT step's compiler is tested by test_triton_aot)."""
+    out = tmp_path / "gpu"
+    _dry_run(out, "--only", "bench_kernels,bench_decode")
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert {n for n, r in steps.items() if r["status"] == "ok"} == {"bench_kernels", "bench_decode"}
+    assert steps["aot_device"] == {"status": "skipped", "reason": "not in --only"}
+    assert json.loads((out / "kernels.json").read_text())["rows"]
+    assert json.loads((out / "decode.json").read_text())["rows"]
+    assert "| bench_decode | ok |" in (out / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_quick_steps_writes_the_report(tmp_path):
+    out = tmp_path / "gpu"
+    _dry_run(out)
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert report["dry_run"] and list(steps) == [s.name for s in gpu_check.steps(out, Path("/v"))]

@@ -101,6 +101,20 @@ def test_free_space(tmp_path, monkeypatch):
         check_output(ckpt, overwrite=True, needed_bytes=83 * 2**20)
 
 
+def test_free_space_counts_the_staging_a_run_reuses(tmp_path, monkeypatch):
+    """A run that failed late left <out>.partial: the rerun (or --resume) replaces or continues it, so that space
+    is free for it; a run that does not stage there gets no such credit."""
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 40 * 2**20))
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "block_0000.safetensors").write_bytes(b"\0" * 60 * 2**20)
+    check_output(tmp_path / "out", needed_bytes=70 * 2**20, reuse_partial=True)
+    with pytest.raises(OutputError, match=r"40\.0 MB free in .*\(\+60\.0 MB in .*out\.partial, which this run reuses\)"):
+        check_output(tmp_path / "out", needed_bytes=90 * 2**20, reuse_partial=True)
+    with pytest.raises(OutputError, match="not enough space"):
+        check_output(tmp_path / "out", needed_bytes=70 * 2**20)
+
+
 # ------------------------------------------------------------------------------ swap_in
 
 
@@ -138,7 +152,7 @@ def test_save_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("wq.writing.shards._append", full_disk)  # the shard is joined on disk
+    monkeypatch.setattr("wq.writing.shards._OpenShard.write", full_disk)
     with pytest.raises(OSError, match="No space"):
         wq.save(model, out, overwrite=True)
     assert (out / "wq.json").read_text() == before and _leftovers(tmp_path) == []
@@ -176,22 +190,44 @@ def test_cli_refuses_cwd_before_loading(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "canary.txt").read_text() == "mine"
 
 
-def test_cli_overwrite_swaps_and_late_failure_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), "--no-progress"]) == 0
+PATHS = {"model-free": [], "streamed": ["--no-model-free"], "whole": ["--no-stream", "--no-model-free"]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cli_overwrite_swaps_and_late_failure_is_one_line(path, tiny_dir, tmp_path, monkeypatch, capsys):
+    """On every path the CLI takes: --overwrite swaps a finished checkpoint in, and a disk that fills while the
+    checkpoint is written ends in one error line that says what was kept, the old checkpoint intact."""
+    out, flags = tmp_path / "out", ["--no-progress", *PATHS[path]]
+    assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), *flags]) == 0
     assert not (out / "tokenizer.json").exists()  # the model has no tokenizer; rtn needs none
-    assert main([str(tiny_dir), "--scheme", "W8G-1", "-o", str(out), "--no-progress", "--overwrite"]) == 0
+    assert main([str(tiny_dir), "--scheme", "W8G-1", "-o", str(out), *flags, "--overwrite"]) == 0
     assert json.loads((out / "wq.json").read_text())["scheme"] == "W8G-1"
+    assert not (tmp_path / "out.partial").exists()
     capsys.readouterr()
 
-    def full_disk(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    from wq.writing.shards import _OpenShard
 
-    monkeypatch.setattr("wq.writing.shards._append", full_disk)  # the shard is joined on disk
-    assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), "--no-progress", "--overwrite"]) == 1
+    real = _OpenShard.write
+
+    def full_disk(self, file, metadata):  # the checkpoint's own shards (its temporary sibling), not the staging
+        if f".{out.name}.tmp-" in str(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, file, metadata)
+
+    monkeypatch.setattr(_OpenShard, "write", full_disk)
+    assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), *flags, "--overwrite"]) == 1
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert "No space left on device" in errors[0] and f"{out} is unchanged" in errors[0]
     assert json.loads((out / "wq.json").read_text())["scheme"] == "W8G-1"
     assert _leftovers(tmp_path) == []
+    if path == "streamed":  # the finished blocks are kept, and the note says how to continue
+        assert "--resume" in errors[0] and str(tmp_path / "out.partial") in errors[0]
+        monkeypatch.setattr(_OpenShard, "write", real)
+        assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), *flags, "--overwrite", "--resume"]) == 0
+        meta = json.loads((out / "wq.json").read_text())
+        assert meta["scheme"] == "W4G32" and meta["coverage"]["blocks_share"] > 0.99  # resumed blocks count
+        assert not (tmp_path / "out.partial").exists()
+    else:  # nothing to resume: no staging left behind
+        assert "--resume" not in errors[0] and not (tmp_path / "out.partial").exists()

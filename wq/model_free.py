@@ -150,60 +150,62 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
     staging = Path(str(output).rstrip("/") + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    files = sorted(set(reader.weight_map.values()))
-    by_file: dict[str, list[str]] = {f: [] for f in files}
-    for n in reader.names():
-        by_file[reader.file_of(n)].append(n)
-    parts, summaries, shapes = [], {}, {}
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(reader.names()), desc=f"rtn {scheme} (model-free)", unit="tensor", disable=not progress)
-    trimmer = Trimmer()  # the freed heap goes back to the OS as we go (wq/heap.py: RSS grew shard by shard)
-    for i, f in enumerate(files):
-        part = staging / f"part_{i:05d}"
-        part.mkdir()
-        staged = ShardWriter(part, max_bytes=2**62)  # one file per source shard, written tensor by tensor
-        for name in by_file[f]:
-            t = reader.get(name)
-            module = name.rpartition(".")[0]
-            if module in plan and name.endswith(".weight"):
-                sch = plan[module]
-                t1 = time.perf_counter()
-                res = fp8_result(t, sch, name=module) if sch.is_fp8 else algorithm.quantize_weight(t, sch)
-                pw = res.packed
-                shapes[module] = (pw.in_features, pw.out_features)
-                tensors = ({"weight": pw.weight, "weight_scale": pw.scale} if sch.is_fp8 else
-                           {"qweight": pw.qweight, "scales": pw.scales, "zeros": pw.zeros})
-                staged.add_many({f"{module}.{k}": v for k, v in tensors.items()})
-                summaries[module] = pw.summary()
-                report.layers[module] = LayerReport(scheme=str(sch), error=res.error, seconds=time.perf_counter() - t1,
-                                                    bytes_before=t.numel() * t.element_size(),
-                                                    bytes_after=pw.nbytes(), stats=res.stats)
-            else:
-                staged.add(name, t)  # biases of quantized layers stay under their own name too
-            bar.update(1)
-            trimmer.tick(t.numel() * t.element_size())
-        parts.append(("", part / staged.close()[0]))
-        reader.close_file(f)  # done with this source shard
-    bar.close()
-    report.seconds = time.perf_counter() - t0
-    report.coverage = cov.to_dict()
-    if cov.warning():
-        log.warning("%s", cov.warning())
-    config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
-    quant = {"scheme": str(scheme), "algo": "rtn", "algo_args": algo_args, "layers": {n: str(s) for n, s in plan.items()},
-             "report": report.to_dict(), "coverage": report.coverage}
-    with atomic_dir(output) as tmp:
-        targets = {fm: (tmp / fm if len(formats) > 1 else tmp) for fm in formats}
-        assemble(parts, targets, names=_SameNames(), schemes=plan, shapes=shapes, config=config, quant=quant,
-                 unquantized=sorted(skipped), recipe=recipe, summaries=summaries,
-                 extra={**(extra or {}), "model_free": True})
-        for target in targets.values():
-            _copy_side_files(reader.path, target)
-            meta = json.loads((target / "wq.json").read_text())
-            meta["size_bytes"] = {"before": reader.total_bytes(),
-                                  "after": sum(p.stat().st_size for p in target.glob("*.safetensors"))}
-            (target / "wq.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.rmtree(staging, ignore_errors=True)
+    try:  # nothing here is resumable: a failure (full disk, Ctrl-C) leaves no staged parts behind
+        files = sorted(set(reader.weight_map.values()))
+        by_file: dict[str, list[str]] = {f: [] for f in files}
+        for n in reader.names():
+            by_file[reader.file_of(n)].append(n)
+        parts, summaries, shapes = [], {}, {}
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(reader.names()), desc=f"rtn {scheme} (model-free)", unit="tensor", disable=not progress)
+        trimmer = Trimmer()  # the freed heap goes back to the OS as we go (wq/heap.py: RSS grew shard by shard)
+        for i, f in enumerate(files):
+            part = staging / f"part_{i:05d}"
+            part.mkdir()
+            staged = ShardWriter(part, max_bytes=2**62)  # one file per source shard, written tensor by tensor
+            for name in by_file[f]:
+                t = reader.get(name)
+                module = name.rpartition(".")[0]
+                if module in plan and name.endswith(".weight"):
+                    sch = plan[module]
+                    t1 = time.perf_counter()
+                    res = fp8_result(t, sch, name=module) if sch.is_fp8 else algorithm.quantize_weight(t, sch)
+                    pw = res.packed
+                    shapes[module] = (pw.in_features, pw.out_features)
+                    tensors = ({"weight": pw.weight, "weight_scale": pw.scale} if sch.is_fp8 else
+                               {"qweight": pw.qweight, "scales": pw.scales, "zeros": pw.zeros})
+                    staged.add_many({f"{module}.{k}": v for k, v in tensors.items()})
+                    summaries[module] = pw.summary()
+                    report.layers[module] = LayerReport(scheme=str(sch), error=res.error, seconds=time.perf_counter() - t1,
+                                                        bytes_before=t.numel() * t.element_size(),
+                                                        bytes_after=pw.nbytes(), stats=res.stats)
+                else:
+                    staged.add(name, t)  # biases of quantized layers stay under their own name too
+                bar.update(1)
+                trimmer.tick(t.numel() * t.element_size())
+            parts.append(("", part / staged.close()[0]))
+            reader.close_file(f)  # done with this source shard
+        bar.close()
+        report.seconds = time.perf_counter() - t0
+        report.coverage = cov.to_dict()
+        if cov.warning():
+            log.warning("%s", cov.warning())
+        config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
+        quant = {"scheme": str(scheme), "algo": "rtn", "algo_args": algo_args, "layers": {n: str(s) for n, s in plan.items()},
+                 "report": report.to_dict(), "coverage": report.coverage}
+        with atomic_dir(output) as tmp:
+            targets = {fm: (tmp / fm if len(formats) > 1 else tmp) for fm in formats}
+            assemble(parts, targets, names=_SameNames(), schemes=plan, shapes=shapes, config=config, quant=quant,
+                     unquantized=sorted(skipped), recipe=recipe, summaries=summaries,
+                     extra={**(extra or {}), "model_free": True})
+            for target in targets.values():
+                _copy_side_files(reader.path, target)
+                meta = json.loads((target / "wq.json").read_text())
+                meta["size_bytes"] = {"before": reader.total_bytes(),
+                                      "after": sum(p.stat().st_size for p in target.glob("*.safetensors"))}
+                (target / "wq.json").write_text(json.dumps(meta, indent=2, default=str))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"report": report, "dirs": [output / fm if len(formats) > 1 else output for fm in formats]}
 
 

@@ -115,7 +115,24 @@ def validate(cfg: QuantConfig) -> None:
     check_output(cfg.output, **where)  # the cheap checks first
     source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line, now
     check_output(cfg.output, **where, needed_bytes=needed_bytes(cfg, source.path),
-                 protect=(source.path,) if source.local else ())
+                 protect=(source.path,) if source.local else (), reuse_partial=uses_partial(cfg))
+
+
+def stages(cfg: QuantConfig) -> bool:
+    """Streamed and model-free runs stage their finished parts in <out>.partial until the checkpoint is assembled."""
+    from .algorithms import ALGORITHMS
+
+    if QuantScheme.parse(cfg.scheme).is_cast:
+        return False
+    model_free = cfg.model_free and not ALGORITHMS.get(cfg.algo).needs_calibration and not cfg.resume
+    return bool(cfg.stream or model_free)
+
+
+def uses_partial(cfg: QuantConfig) -> bool:
+    """The run writes <out>.partial (staging or a calibrated run's resume state), replacing or continuing it."""
+    from .algorithms import ALGORITHMS
+
+    return stages(cfg) or ALGORITHMS.get(cfg.algo).needs_calibration
 
 
 def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
@@ -126,8 +143,7 @@ def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
 
     algo = ALGORITHMS.get(cfg.algo)
     calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
-    # streamed and model-free runs stage their finished parts in <out>.partial until the checkpoint is assembled
-    staged = (cfg.stream or cfg.model_free) and not QuantScheme.parse(cfg.scheme).is_cast
+    staged = stages(cfg)
     try:
         return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
                                formats=max(1, len(cfg.format)), calibration=calib, staged=staged)

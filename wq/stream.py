@@ -82,7 +82,8 @@ def quantize_streamed(source: str | Path | Skeleton, scheme: QuantScheme | str, 
     else:
         _data_free(sk, plan, algorithm, report, output, device=device, progress=progress, resume=resume)
     report.seconds = time.perf_counter() - t0
-    cov = coverage(model, skipped=skipped)
+    # a resumed run's earlier blocks were never loaded here (still meta Linears): what it quantized is in the report
+    cov = coverage(model, plan={n: s for n, s in plan.items() if n in report.layers}, skipped=skipped)
     report.coverage = cov.to_dict()
     if cov.warning():
         log.warning("%s", cov.warning())

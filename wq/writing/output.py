@@ -85,9 +85,11 @@ def check_not_working_dir(path: str | os.PathLike, flag: str = "-o") -> None:
 
 def check_output(path: str | os.PathLike | None, *, overwrite: bool = False, overwrite_non_checkpoint: bool = False,
                  needed_bytes: int | None = None, protect: tuple[str | os.PathLike, ...] = (),
-                 flag: str = "-o") -> None:
+                 reuse_partial: bool = False, flag: str = "-o") -> None:
     """Raise OutputError (one line that names the fix) if a checkpoint of about `needed_bytes` cannot be written
-    to `path`. Nothing is created or changed. `protect`: paths (the model being read) the output must not replace."""
+    to `path`. Nothing is created or changed. `protect`: paths (the model being read) the output must not replace.
+    reuse_partial: the run stages in <path>.partial (replacing or continuing what is there), so the space an earlier
+    run left there counts as free."""
     if not path:
         raise OutputError(f"no output directory: pass {flag} OUT")
     out = Path(path).expanduser()
@@ -121,11 +123,25 @@ def check_output(path: str | os.PathLike | None, *, overwrite: bool = False, ove
     if needed_bytes:
         need = int(needed_bytes * MARGIN) + MARGIN_BYTES
         free = shutil.disk_usage(parent).free
-        if free < need:
+        reused = reclaimable_bytes(out, parent) if reuse_partial else 0  # the staging of an earlier run is continued or replaced
+        if free + reused < need:
             both = " (the old checkpoint stays until the new one is complete, so both must fit)" if replacing else ""
+            had = f" (+{human_bytes(reused)} in {partial_dir(path)}, which this run reuses)" if reused else ""
             raise OutputError(f"not enough space for {path}: about {human_bytes(need)} needed (estimated from the "
                               f"model's tensor shapes and the scheme, +10%){both}, {human_bytes(free)} free in "
-                              f"{parent}; free some space or choose another {flag}")
+                              f"{parent}{had}; free some space or choose another {flag}")
+
+
+def reclaimable_bytes(out: Path, parent: Path) -> int:
+    """Bytes in <out>.partial on the same file system as `parent`: a new run replaces that directory and a --resume
+    continues it, so its space counts as free for the estimate (which includes the staging)."""
+    partial = partial_dir(out)
+    try:
+        if not partial.is_dir() or partial.is_symlink() or partial.stat().st_dev != parent.stat().st_dev:
+            return 0
+    except OSError:
+        return 0
+    return dir_bytes(partial)
 
 
 def swap_in(new: Path, out: Path) -> None:
