@@ -66,18 +66,38 @@ def quantize_model(
     override=None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    rotate: bool = False,
+    bits_budget: float | None = None,
+    bits_candidates: Iterable[str] | None = None,
+    budget_format: str | None = None,
     **algo_args,
 ) -> QuantReport:
     """Quantize every eligible nn.Linear of `model` in place (QuantLinear swapped in).
 
     scheme: "W4G128" etc.; algo: a registered algorithm name; calib/tokenizer: calibration text for
-    calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery). Returns a QuantReport
-    and records the plan on `model.wq_quant` for wq.save.
+    calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery); rotate: first rotate the
+    residual stream (wq.transforms.rotate, seeded by algo_args' seed). Returns a QuantReport and
+    records the plan on `model.wq_quant` for wq.save. bits_budget: choose each layer's scheme among
+    bits_candidates (wq.budget) so the layers average at most that many bits per weight as written by
+    budget_format (default compressed-tensors); `scheme` then only names the default for the report.
     """
     scheme = QuantScheme.parse(scheme)
+    rotation = None
+    if rotate:  # before planning: untying the head adds a Linear weight of its own
+        from .transforms import rotate_model
+
+        rotation = rotate_model(model, seed=int(algo_args.get("seed") or 0)).to_dict()
     if scheme.is_cast:
         raise ValueError(f"{scheme} is a plain float cast, not a quantization: use wq.cast_model(model, {str(scheme)!r})")
     algorithm = ALGORITHMS.get(algo)(**algo_args)
+    budget = None
+    if bits_budget is not None:
+        from .budget import budget_overrides
+
+        override, budget = budget_overrides(model, scheme, bits_budget, skip=skip, override=override, calib=calib,
+                                            tokenizer=tokenizer, candidates=bits_candidates, fmt=budget_format,
+                                            **algo_args)
+        scheme = QuantScheme.parse(budget.main_scheme())
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:
         raise ValueError("no Linear layer left to quantize: check --skip / --override patterns")
@@ -97,6 +117,10 @@ def quantize_model(
     report.seconds = time.perf_counter() - t0
     model.wq_quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
                       "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict()}
+    if rotation is not None:
+        model.wq_quant["rotation"] = rotation
+    if budget is not None:
+        model.wq_quant["bits_budget"] = budget.to_dict()
     return report
 
 

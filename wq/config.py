@@ -31,7 +31,7 @@ class QuantConfig:
                            "SmolLM2-135M-Instruct", cli=False)
     scheme: str = _f("W4G128", "quantization scheme: W<bits>G<group>[-sym|-asym] (bits 2/3/4/8, group "
                      "-1/32/64/128/256; symmetric by default at 4/8 bits, asymmetric at 2/3), or BF16/FP16/FP8")
-    algo: str = _f("rtn", "algorithm: rtn (no data), gptq or autoround (calibrated)")
+    algo: str = _f("rtn", "algorithm: rtn (no data); gptq, autoround, awq or recon (calibrated)")
     output: str | None = _f(None, "output directory (written atomically: temp dir, then rename)",
                             flag="--output", short="-o")
     format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
@@ -45,6 +45,14 @@ class QuantConfig:
                              "(mixed precision; =BF16 keeps the layer unquantized)", repeat=True,
                              metavar="PATTERN=SCHEME")
     mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
+    rotate: bool = _f(False, "rotate the residual stream (randomized Hadamard) and attention heads first, folded "
+                      "into the weights: the checkpoint stays a plain model (a tied lm_head gets untied, logged)")
+    bits_budget: float | None = _f(None, "mixed precision: average bits per quantized weight (codes, scales and "
+                                   "zero points as the format writes them); each layer's scheme is chosen from "
+                                   "--bits-candidates by measured sensitivity, --scheme is ignored",
+                                   metavar="BITS")
+    bits_candidates: list[str] = _f([], "schemes --bits-budget chooses from, repeatable (default: W2G64 W2G128 "
+                                    "W3G64 W3G128 W4G64 W4G128 W8G128)", repeat=True, metavar="SCHEME")
     # calibration
     calib: str | None = _f(None, "calibration text: a Hub dataset name, a local .txt/.jsonl file or folder; "
                            "default: the shipped Jane Austen corpus (Emma)")
@@ -59,8 +67,15 @@ class QuantConfig:
     act_order: bool = _f(False, "gptq: quantize columns in order of decreasing Hessian diagonal "
                          "(static groups keep g_idx valid)")
     block_size: int = _f(128, "gptq: columns per lazy-update block")
-    iters: int = _f(200, "autoround: signed-gradient iterations per block")
-    lr: float | None = _f(None, "autoround: learning rate (default 1/iters)")
+    iters: int = _f(200, "autoround: signed-gradient iterations per block; recon: Adam steps per block")
+    lr: float | None = _f(None, "autoround: learning rate (default 1/iters); recon: of the rounding offsets "
+                          "(default 0.02)")
+    scale_lr: float | None = _f(None, "recon: learning rate of the group scales and zero points (default 1.5 lr)")
+    recon_batch: int = _f(1, "recon: calibration samples per Adam step")
+    init: str = _f("rtn", "recon: initial quantizer (rtn, gptq: MSE-searched ranges; autoround)")
+    init_iters: int = _f(50, "recon --init autoround: autoround's iterations")
+    quantizer: str = _f("rtn", "awq: quantizer of the scaled weights (rtn with clipping search, gptq, autoround, "
+                        "recon)")
     # evaluation
     eval: bool = _f(False, "after saving, evaluate perplexity (and --eval-tasks) against the unquantized model")
     eval_seqlen: int = _f(2048, "evaluation window length in tokens")
@@ -89,6 +104,7 @@ class QuantConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> QuantConfig:
+        path = resolve_recipe(path)
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a YAML mapping of QuantConfig fields")
@@ -96,7 +112,14 @@ class QuantConfig:
 
     def algo_args(self) -> dict[str, Any]:
         """Settings handed to the algorithm (each algorithm takes what it knows)."""
-        return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed")}
+        return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed",
+                                              "scale_lr", "recon_batch", "init", "init_iters", "quantizer")}
+
+    def model_args(self) -> dict[str, Any]:
+        """Whole-model settings of wq.quantize_model (transforms and the plan), beside the algorithm's."""
+        return {"rotate": self.rotate, "bits_budget": self.bits_budget,
+                "bits_candidates": self.bits_candidates or None,
+                "budget_format": self.format[0] if self.format else None}
 
     # -------------------------------------------------------------------------------- CLI
     @classmethod
@@ -145,3 +168,19 @@ def _field_type(annotation: str):
     if "float" in a:
         return float
     return str
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"  # the bundled recipes (a source checkout)
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """A recipe path as given, or a bundled recipe's bare name ("fast" -> configs/fast.yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = RECIPES_DIR / f"{name}.yaml"
+    if not path.suffix and bundled.exists():
+        return bundled
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise FileNotFoundError(f"recipe {name!r} not found: give a YAML file or one of the bundled recipes "
+                            f"({', '.join(known) or 'none found next to the package'})")

@@ -88,7 +88,7 @@ def wq_meta(quant: dict, config: Any, **fields) -> dict:
     return {"scheme": quant["scheme"], "algo": quant["algo"],
             "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
             "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **fields}
+            **{k: quant[k] for k in ("rotation", "bits_budget") if quant.get(k) is not None}, **fields}
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -108,7 +108,8 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
         from .cast import save_cast
 
         return save_cast(model, out, tokenizer=tokenizer, config=config, overwrite=overwrite, extra=extra)
-    formats = [format] if isinstance(format, str) else list(format or [default_format(quant["scheme"])])
+    budget_fmt = (quant.get("bits_budget") or {}).get("format")  # the format whose bits the budget counted
+    formats = [format] if isinstance(format, str) else list(format or [budget_fmt or default_format(quant["scheme"])])
     formats = [float_format_name(f, quant["scheme"]) for f in formats]
     formats = list(dict.fromkeys(formats))
     for name in formats:

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face hub id or local directory; omit or 'default' for the bundled "
                    "SmolLM2-135M-Instruct (offline)")
-    p.add_argument("--recipe", metavar="YAML", help="a YAML recipe of these settings (see configs/); flags "
-                   "given on the command line override it")
+    p.add_argument("--recipe", metavar="NAME|YAML", help="a YAML recipe of these settings, or a bundled one by "
+                   "name: fast, balanced, best (configs/; docs/quality.md gives their cost); flags given on the "
+                   "command line override it")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     QuantConfig.add_arguments(p)
@@ -60,9 +61,12 @@ def config_from_argv(argv: list[str] | None) -> tuple[QuantConfig, argparse.Name
     args = parser.parse_args(argv)
     base = None
     if args.recipe:
-        if not Path(args.recipe).exists():
-            raise UserError(f"recipe {args.recipe} not found")
-        base = QuantConfig.from_yaml(args.recipe)
+        from .config import resolve_recipe
+
+        try:
+            base = QuantConfig.from_yaml(resolve_recipe(args.recipe))
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
     cfg = QuantConfig.from_args(args, base)
     if args.model is not None:
         cfg.model = args.model
@@ -98,6 +102,19 @@ def validate(cfg: QuantConfig) -> None:
         parse_overrides(cfg.override)
     except ValueError as e:
         raise UserError(str(e)) from None
+    from .algorithms.awq import QUANTIZERS
+    from .algorithms.recon import INITS
+
+    if cfg.algo == "recon" and cfg.init not in INITS:
+        raise UserError(f"--init {cfg.init}: choose one of {', '.join(INITS)}")
+    if cfg.algo == "awq" and cfg.quantizer not in QUANTIZERS:
+        raise UserError(f"--quantizer {cfg.quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    if cfg.bits_budget is not None:
+        for c in cfg.bits_candidates:
+            QuantScheme.parse(c)  # SchemeError shows the grammar
+        if len(cfg.format) > 1:
+            log.warning("--bits-budget counts the bits of the first --format (%s); the others may differ slightly",
+                        cfg.format[0])
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
     if Path(cfg.output).exists() and not cfg.overwrite:
@@ -184,6 +201,7 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
         device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
+        **cfg.model_args(),
     )
     after = model_bytes(model)
     dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
@@ -193,6 +211,10 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
 
     clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
+    if model.wq_quant.get("bits_budget"):
+        from .budget import budget_table
+
+        summary += "\n" + budget_table(model.wq_quant["bits_budget"])
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
 
@@ -260,8 +282,8 @@ def _calib_args(cfg: QuantConfig) -> dict:
     """Calibration settings, passed only to calibrated algorithms."""
     from .algorithms import ALGORITHMS
 
-    if not ALGORITHMS.get(cfg.algo).needs_calibration:
-        return {}
+    if not ALGORITHMS.get(cfg.algo).needs_calibration:  # --bits-budget still measures on nsamples x seqlen
+        return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen} if cfg.bits_budget is not None else {}
     return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "batch_size": cfg.batch_size,
             "low_mem": cfg.low_mem, "resume": cfg.resume, "output": cfg.output}
 

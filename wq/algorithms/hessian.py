@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calib.distributed import all_reduce_sum_, rank_world
-from .weights import is_transposed
+from ..transforms.weights import is_transposed
 
 # kwargs a decoder block gets during a full-model forward that make no sense when replaying it
 DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")

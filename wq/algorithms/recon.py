@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import primitives as P
-from ..calib.distributed import all_reduce_grads_, all_reduce_scalar, rank_world, share
+from ..calib.distributed import all_reduce_grads_, all_reduce_scalar
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
+from ..transforms.weights import linear_weight, module_weight
 from .autoround import (
     _block_out,
     _collate,
@@ -51,7 +52,7 @@ from .base import ALGORITHMS, Algorithm, QuantResult
 from .gptq import gptq_quantize
 from .hessian import block_hessians
 from .rtn import rtn_quantize
-from .weights import linear_weight, module_weight
+from .samples import SampleIndex
 
 log = logging.getLogger(__name__)
 
@@ -142,32 +143,6 @@ def initial_results(block: nn.Module, plan: dict[str, QuantScheme], inputs: list
     raise ValueError(f"recon: init={init!r}; choose one of {', '.join(INITS)}")
 
 
-class _Batches:
-    """Global minibatches over the samples of all ranks; each rank computes on the ones it holds.
-
-    The pipeline gives rank r the contiguous share `share(n)` of the n samples (wq.calib.distributed),
-    so a seeded permutation of range(n), the same on every rank, defines the same minibatches as one
-    process; the loss of a minibatch is normalised by its global element count.
-    """
-
-    def __init__(self, n_local: int, batch_size: int, seed: int):
-        self.n = int(round(all_reduce_scalar(n_local)))
-        self.mine = share(self.n) if rank_world()[1] > 1 else range(n_local)
-        if len(self.mine) != n_local:
-            raise RuntimeError(f"recon: this rank holds {n_local} samples, expected its share {len(self.mine)} of "
-                               f"{self.n}")
-        self.bs = max(1, min(batch_size, self.n))
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def next(self) -> list[int]:
-        """Local indices of the next global minibatch (possibly empty on this rank)."""
-        if len(self.order) < self.bs:
-            self.order += torch.randperm(self.n, generator=self.gen).tolist()
-        idx, self.order = self.order[: self.bs], self.order[self.bs:]
-        return [i - self.mine.start for i in idx if i in self.mine]
-
-
 def _forward(block: nn.Module, layers: list[_Layer], samples: list, idx: list[int], dev, weights=None):
     """(sum of squared errors, element count) of the samples `idx` (local)."""
     x = torch.cat([samples[i][0] for i in idx], 0).to(dev, torch.float32)
@@ -244,26 +219,27 @@ def recon_block(
         samples = _samples(inputs, kwargs, targets)
         if not samples:
             raise ValueError("recon needs calibration samples (inputs is empty)")
-        batches = _Batches(len(samples), batch_size, seed)
-        check = [i - batches.mine.start for i in range(min(check_samples, batches.n)) if i in batches.mine]
+        index = SampleIndex(len(samples))  # global sample indices: torchrun ranks pick the same minibatches
+        batches = index.minibatches(batch_size, seed)
+        check = index.first(check_samples)
         init_loss = _mean_loss(block, layers, samples, check, dev)
         init_state = [t.snapshot() for t in layers]
         lr = 0.02 if lr is None else lr
         scale_lr = 1.5 * lr if scale_lr is None else scale_lr
         groups = [{"params": [t.v for t in layers], "lr": lr},
                   {"params": [p for t in layers for p in t.params()[1:]], "lr": scale_lr}]
-        opt = torch.optim.Adam(groups, lr=lr, betas=betas)
+        opt = torch.optim.Adam(groups, lr=lr, betas=betas, foreach=True)
         base_lrs = [g["lr"] for g in groups]
         params = [p for t in layers for p in t.params()]
         for p in params:
             p.grad = torch.zeros_like(p)
-        steps_per_epoch = max(1, math.ceil(batches.n / batches.bs))
+        steps_per_epoch = max(1, math.ceil(index.n / max(1, min(batch_size, index.n))))
         epoch_sse, epoch_numel, prev_epoch, steps = 0.0, 0.0, None, 0
         for it in range(iters):
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * it / iters))
             opt.zero_grad(set_to_none=False)
-            idx = batches.next()
+            idx = next(batches)
             numel = all_reduce_scalar(sum(samples[i][2].numel() for i in idx))
             sse = 0.0
             if idx:
