@@ -85,3 +85,23 @@ def test_layer_bits_counts_the_format_tensors():
     assert ct == 576 * 1536 * 4 + 576 * 12 * 16 + 2 * 64
     gp = layer_bits(s, 576, 1536, "gptq")  # + qzeros and g_idx
     assert gp == ct - 2 * 64 + 12 * (576 * 4) + 1536 * 32
+
+
+def test_cli_writes_and_prints_the_allocation(tmp_path, real_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wq.quantize import main
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(real_tokenizer), max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    real_tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "q"
+    assert main([str(tmp_path / "m"), "--bits-budget", "3.3", "--nsamples", "2", "--seqlen", "64", "-o", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision, budget 3.3 bits/weight" in printed
+    meta = json.loads((out / "wq.json").read_text())
+    assert meta["bits_budget"]["bits"] <= 3.3 and meta["bits_budget"]["fisher_samples"] == 2
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"

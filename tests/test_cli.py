@@ -28,6 +28,9 @@ def test_help_explains_every_flag():
         (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "not found"),
         (["--override", "down_proj", "-o", "X"], "PATTERN=SCHEME"),
         (["--format", "gtpq", "-o", "X"], "Did you mean 'gptq'"),
+        (["--algo", "recon", "--init", "gtpq", "-o", "X"], "--init gtpq: choose one of rtn, gptq, autoround"),
+        (["--algo", "awq", "--quantizer", "hqq", "-o", "X"], "--quantizer hqq"),
+        (["--bits-budget", "3", "--bits-candidates", "W5G128", "-o", "X"], "W<bits>G<group>"),
     ],
 )
 def test_bad_input_errors(argv, needle, tmp_path, capsys, monkeypatch):

@@ -56,7 +56,7 @@ from .samples import SampleIndex
 
 log = logging.getLogger(__name__)
 
-INITS = ("gptq", "autoround", "rtn")
+INITS = ("rtn", "gptq", "autoround")
 _FRAC = 0.45  # how much of W's own rounding fraction the offsets keep at init (< 0.5: codes stay q0)
 
 
