@@ -37,6 +37,7 @@ class QuantReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    e2e: dict = field(default_factory=dict)  # end-to-end scale tuning stats, when run
 
     @property
     def mean_error(self) -> float:
@@ -52,6 +53,7 @@ class QuantReport:
             "mean_relative_error": self.mean_error,
             "layers": {n: vars(r) for n, r in self.layers.items()},
             "skipped": self.skipped,
+            **({"e2e": self.e2e} if self.e2e else {}),
         }
 
 
@@ -70,6 +72,8 @@ def quantize_model(
     bits_budget: float | None = None,
     bits_candidates: Iterable[str] | None = None,
     budget_format: str | None = None,
+    e2e_steps: int = 0,
+    e2e_lr: float | None = None,
     **algo_args,
 ) -> QuantReport:
     """Quantize every eligible nn.Linear of `model` in place (QuantLinear swapped in).
@@ -80,6 +84,8 @@ def quantize_model(
     records the plan on `model.wq_quant` for wq.save. bits_budget: choose each layer's scheme among
     bits_candidates (wq.budget) so the layers average at most that many bits per weight as written by
     budget_format (default compressed-tensors); `scheme` then only names the default for the report.
+    e2e_steps: afterwards, tune every group scale end to end on the calibration samples
+    (wq.algorithms.e2e; holds the unquantized model's final hidden states meanwhile).
     """
     scheme = QuantScheme.parse(scheme)
     rotation = None
@@ -107,6 +113,14 @@ def quantize_model(
         log.info("skipping %s: %s", name, reason)
     report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
     t0 = time.perf_counter()
+    e2e = None
+    if e2e_steps:
+        from .algorithms.e2e import fp_targets
+        from .calib.data import calibration_samples
+
+        e2e_samples = calibration_samples(calib, tokenizer, nsamples=int(algo_args.get("nsamples") or 128),
+                                          seqlen=int(algo_args.get("seqlen") or 2048), seed=int(algo_args.get("seed") or 0))
+        e2e = (e2e_samples, fp_targets(model, e2e_samples))
     if algorithm.needs_calibration:
         from .calib import quantize_calibrated  # the block-by-block pipeline
 
@@ -114,6 +128,11 @@ def quantize_model(
                             progress=progress)
     else:
         _quantize_data_free(model, plan, algorithm, report, device=device, progress=progress)
+    if e2e is not None:
+        from .algorithms.e2e import e2e_tune_scales
+
+        report.e2e = e2e_tune_scales(model, *e2e, steps=e2e_steps, lr=e2e_lr or 1e-3,
+                                     seed=int(algo_args.get("seed") or 0))
     report.seconds = time.perf_counter() - t0
     model.wq_quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
                       "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict()}

@@ -76,6 +76,10 @@ class QuantConfig:
     init_iters: int = _f(50, "recon --init autoround: autoround's iterations")
     quantizer: str = _f("rtn", "awq: quantizer of the scaled weights (rtn with clipping search, gptq, autoround, "
                         "recon)")
+    e2e_steps: int = _f(0, "after the blocks: Adam steps (one calibration sample each) tuning every group scale "
+                        "end to end on the final hidden states; needs the calibration set's fp hidden states "
+                        "and one fp32 copy of the codes in memory (0: off)")
+    e2e_lr: float | None = _f(None, "learning rate of --e2e-steps (scale multipliers; default 1e-3)")
     # evaluation
     eval: bool = _f(False, "after saving, evaluate perplexity (and --eval-tasks) against the unquantized model")
     eval_seqlen: int = _f(2048, "evaluation window length in tokens")
@@ -119,7 +123,8 @@ class QuantConfig:
         """Whole-model settings of wq.quantize_model (transforms and the plan), beside the algorithm's."""
         return {"rotate": self.rotate, "bits_budget": self.bits_budget,
                 "bits_candidates": self.bits_candidates or None,
-                "budget_format": self.format[0] if self.format else None}
+                "budget_format": self.format[0] if self.format else None, "e2e_steps": self.e2e_steps,
+                "e2e_lr": self.e2e_lr}
 
     # -------------------------------------------------------------------------------- CLI
     @classmethod

@@ -282,8 +282,8 @@ def _calib_args(cfg: QuantConfig) -> dict:
     """Calibration settings, passed only to calibrated algorithms."""
     from .algorithms import ALGORITHMS
 
-    if not ALGORITHMS.get(cfg.algo).needs_calibration:  # --bits-budget still measures on nsamples x seqlen
-        return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen} if cfg.bits_budget is not None else {}
+    if not ALGORITHMS.get(cfg.algo).needs_calibration:  # --bits-budget / --e2e-steps still use nsamples x seqlen
+        return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen} if cfg.bits_budget is not None or cfg.e2e_steps else {}
     return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "batch_size": cfg.batch_size,
             "low_mem": cfg.low_mem, "resume": cfg.resume, "output": cfg.output}
 
