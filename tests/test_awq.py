@@ -83,3 +83,45 @@ def test_end_to_end_plain_checkpoint(tiny_model, tmp_path):
     back = wq.load(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(back(test).logits, model(test).logits, rtol=1e-4, atol=1e-4)
+
+
+def _gpt2_block():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=64, n_positions=32)).eval()
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # non-trivial LayerNorm scales and biases
+    inputs = [torch.randn(2, 16, 64) for _ in range(3)]
+    with torch.no_grad():
+        targets = [out(block(x)) for x in inputs]
+    plan = {n: QuantScheme.parse("W3G32") for n, m in block.named_modules() if type(m).__name__ == "Conv1D"}
+    return block, inputs, [{}] * 3, targets, plan
+
+
+def test_gpt2_layernorm_and_conv1d_fold_exactly():
+    """LayerNorm (scale and bias) folds into Conv1D readers ([in, out] weights); GPT-2's GELU MLP is not a
+    scaling site (only gated MLPs are)."""
+    block, inputs, kwargs, targets, plan = _gpt2_block()
+    scaled = copy.deepcopy(block)
+    alphas = awq_transform_(scaled, plan, inputs, kwargs)
+    assert set(alphas) == {"ln_1", "ln_2"}
+    with torch.no_grad():
+        for x, y in zip(inputs, targets):
+            torch.testing.assert_close(out(scaled(x)), y, rtol=1e-5, atol=1e-5)
+    res = awq_block(copy.deepcopy(block), plan, inputs, kwargs, targets)
+    assert {n: tuple(r.packed.dequantize().shape) for n, r in res.items()} == {
+        "attn.c_attn": (192, 64), "attn.c_proj": (64, 64), "mlp.c_fc": (256, 64), "mlp.c_proj": (64, 256)}
+
+
+def test_recon_on_conv1d_block():
+    from wq.algorithms.recon import recon_block
+
+    block, inputs, kwargs, targets, plan = _gpt2_block()
+    res = recon_block(block, plan, inputs, kwargs, targets, iters=10)
+    st = next(iter(res.values())).stats
+    assert st["loss"] < st["init_loss"]
+    weights = {f"{n}.weight": r.packed.dequantize().t() for n, r in res.items()}  # Conv1D stores [in, out]
+    assert block_mse(block, weights, inputs, kwargs, targets) == pytest.approx(st["loss"], rel=1e-4)

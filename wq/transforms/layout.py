@@ -9,7 +9,8 @@ ln_2/mlp). Inside them, by structure rather than by projection names:
     writers   Linears whose output is added back to the residual stream: out_features == hidden and
               a writer's name (o_proj, down_proj, w2, c_proj, dense, out_proj, wo)
     heads     attention value/output pairs (v_proj, o_proj) with their head geometry
-    up_down   (up, down) pairs of each gated MLP or expert: up's outputs meet down's inputs one to one
+    up_down   (up, down) pairs of each gated MLP or expert: down(act(gate) * up) is linear in up, so a
+              scale moves from up's outputs to down's inputs exactly (not so through GPT-2's GELU)
 
 Anything else that holds a matrix under attn / mlp (fused MoE experts stored as one 3-D tensor) is
 refused by name, so a transform never silently skips weights.
@@ -30,7 +31,7 @@ SLOTS = (
     ("ln_1", "attn", "ln_2", "mlp"),
 )
 WRITERS = {"o_proj", "down_proj", "w2", "c_proj", "dense", "out_proj", "wo", "dense_4h_to_h"}
-UP_DOWN = (("up_proj", "down_proj"), ("w3", "w2"), ("c_fc", "c_proj"))
+UP_DOWN = (("up_proj", "down_proj"), ("w3", "w2"))  # gated MLPs only: down(act(gate) * up) is linear in up
 
 
 class LayoutError(ValueError):
