@@ -72,4 +72,4 @@ def test_new_settings_reach_the_algorithm():
     args = cfg.algo_args()
     assert (args["init"], args["iters"], args["recon_batch"], args["scale_lr"]) == ("gptq", 7, 2, 0.01)
     assert cfg.model_args() == {"rotate": True, "bits_budget": 3.25, "bits_candidates": ["W3G128", "W4G128"],
-                                "budget_format": None, "e2e_steps": 0, "e2e_lr": None}
+                                "budget_samples": 16, "budget_format": None, "e2e_steps": 0, "e2e_lr": None}

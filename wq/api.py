@@ -72,6 +72,7 @@ def quantize_model(
     bits_budget: float | None = None,
     bits_candidates: Iterable[str] | None = None,
     budget_format: str | None = None,
+    budget_samples: int = 16,
     e2e_steps: int = 0,
     e2e_lr: float | None = None,
     **algo_args,
@@ -102,7 +103,7 @@ def quantize_model(
 
         override, budget = budget_overrides(model, scheme, bits_budget, skip=skip, override=override, calib=calib,
                                             tokenizer=tokenizer, candidates=bits_candidates, fmt=budget_format,
-                                            **algo_args)
+                                            samples=budget_samples, **algo_args)
         scheme = QuantScheme.parse(budget.main_scheme())
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:

@@ -241,7 +241,8 @@ def choose_schemes(model: nn.Module, names: list[str], samples: Tensor, budget: 
 
 
 def budget_overrides(model: nn.Module, scheme: QuantScheme | str, budget: float, *, skip, override, calib, tokenizer,
-                     candidates=None, fmt: str | None = None, **settings) -> tuple[dict[str, QuantScheme], Allocation]:
+                     candidates=None, fmt: str | None = None, samples: int = 16, **settings
+                     ) -> tuple[dict[str, QuantScheme], Allocation]:
     """For wq.quantize_model: the per-layer overrides that meet `budget` (exact-name patterns, after the
     user's own overrides, whose layers keep their scheme and count towards the budget) and the Allocation."""
     import re
@@ -258,9 +259,9 @@ def budget_overrides(model: nn.Module, scheme: QuantScheme | str, budget: float,
         raise ValueError("--bits-budget: every quantized layer has an --override; nothing left to choose")
     if tokenizer is None and not isinstance(calib, Tensor):
         raise ValueError("--bits-budget measures sensitivities on calibration text: give a tokenizer (the CLI does)")
-    n = min(int(settings.get("nsamples") or 128), 16)
-    samples = calibration_samples(calib, tokenizer, nsamples=n, seqlen=int(settings.get("seqlen") or 2048),
-                                  seed=int(settings.get("seed") or 0))
+    n = min(int(settings.get("nsamples") or 128), samples)
+    ids = calibration_samples(calib, tokenizer, nsamples=n, seqlen=int(settings.get("seqlen") or 2048),
+                              seed=int(settings.get("seed") or 0))
     shape = {n_: tuple(linear_weight(model.get_submodule(n_)).shape) for n_ in plan}
     total = sum(o * i for o, i in shape.values())
     fixed_bits = sum(layer_bits(s, *shape[n_], fmt) for n_, s in fixed.items())
@@ -271,7 +272,7 @@ def budget_overrides(model: nn.Module, scheme: QuantScheme | str, budget: float,
     if cast:  # CPU backward in bf16 is slow and coarse; fp32 values of bf16 weights are exact, so cast back losslessly
         model.float()
     try:
-        alloc = choose_schemes(model, free, samples, free_budget, candidates=candidates or DEFAULT_CANDIDATES, fmt=fmt)
+        alloc = choose_schemes(model, free, ids, free_budget, candidates=candidates or DEFAULT_CANDIDATES, fmt=fmt)
     finally:
         if cast:
             model.to(dtype)

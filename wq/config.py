@@ -53,6 +53,8 @@ class QuantConfig:
                                    metavar="BITS")
     bits_candidates: list[str] = _f([], "schemes --bits-budget chooses from, repeatable (default: W2G64 W2G128 "
                                     "W3G64 W3G128 W4G64 W4G128 W8G128)", repeat=True, metavar="SCHEME")
+    budget_samples: int = _f(16, "--bits-budget: calibration samples (of --nsamples) its sensitivity measurement "
+                             "backpropagates through the whole model")
     # calibration
     calib: str | None = _f(None, "calibration text: a Hub dataset name, a local .txt/.jsonl file or folder; "
                            "default: the shipped Jane Austen corpus (Emma)")
@@ -122,7 +124,7 @@ class QuantConfig:
     def model_args(self) -> dict[str, Any]:
         """Whole-model settings of wq.quantize_model (transforms and the plan), beside the algorithm's."""
         return {"rotate": self.rotate, "bits_budget": self.bits_budget,
-                "bits_candidates": self.bits_candidates or None,
+                "bits_candidates": self.bits_candidates or None, "budget_samples": self.budget_samples,
                 "budget_format": self.format[0] if self.format else None, "e2e_steps": self.e2e_steps,
                 "e2e_lr": self.e2e_lr}
 
