@@ -129,8 +129,9 @@ class _Layer:
 def initial_results(block: nn.Module, plan: dict[str, QuantScheme], inputs: list[Tensor], kwargs: list[dict],
                     targets: list[Tensor], init: str, *, mse: bool = False, damp: float = 0.01,
                     block_size: int = 128, init_iters: int = 50, init_lr: float | None = None,
-                    batch_size: int = 8, seed: int = 0) -> dict[str, QuantResult]:
-    """The starting point: gptq (Hessians of the block's own inputs), autoround, or rtn."""
+                    batch_size: int = 1, seed: int = 0) -> dict[str, QuantResult]:
+    """The starting point: gptq (Hessians of the block's own inputs), autoround (one sample per step, as recon
+    trains: the better use of the same compute on SmolLM2 blocks), or rtn."""
     if init == "rtn":
         return {n: rtn_quantize(linear_weight(block.get_submodule(n)), s, mse=mse) for n, s in plan.items()}
     if init == "gptq":
