@@ -4,3 +4,7 @@ through lm-evaluation-harness (`eval.tasks`, offline tasks in `eval.local_tasks`
 
 Import as `from eval import ppl` (a bare `import eval` would shadow the builtin in your namespace).
 """
+
+from wq.threads import configure_openmp
+
+configure_openmp()  # before torch loads: OpenMP threads sleep while they wait (see wq/threads.py)

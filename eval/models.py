@@ -35,10 +35,12 @@ def parse_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
     return table[name]
 
 
-def resolve(spec: str) -> str:
-    from wq.assets import resolve_model
+def resolve(spec: str, revision: str | None = None) -> str:
+    """The directory or Hub id to load: "default" is the bundled model; a path-like argument that does not exist,
+    broken shards or an unreachable Hub fail here in one line (wq.loading.source.ModelSourceError / ShardError)."""
+    from wq.loading.source import resolve_source
 
-    return resolve_model(spec)
+    return resolve_source(spec, revision).path
 
 
 def _read_json(path: Path) -> dict:
@@ -62,7 +64,8 @@ def quant_info(path: str) -> dict | None:
     if scheme is None and qc.get("bits") is not None:
         g = qc.get("group_size", -1)
         scheme = f"W{qc['bits']}G{g}"
-    return {"scheme": scheme, "quant_method": qc.get("quant_method"), "format": meta.get("format")}
+    return {"scheme": scheme, "quant_method": qc.get("quant_method"), "format": meta.get("format"),
+            "algo": meta.get("algo") or (qc.get("quant_method") if not meta else None)}
 
 
 def bits_per_weight(model) -> float | None:
@@ -80,22 +83,35 @@ def bits_per_weight(model) -> float | None:
     return total_bits / total_w if total_w else None
 
 
+RESERVED = ("baseline", "deltas", "settings", "versions", "models", "schema")
+
+
 def model_name(spec: str, info: dict | None, taken: set[str]) -> str:
-    """The quantized model's name in the report: its scheme when known, else its directory name."""
-    base = (info or {}).get("scheme") or Path(str(spec).rstrip("/")).name or str(spec)
-    name, i = str(base), 2
-    while name in taken or name in ("baseline", "deltas", "settings", "versions", "models", "schema"):
-        name, i = f"{base}-{i}", i + 1
-    return name
+    """The quantized model's name in the report: its directory and algorithm, "w4g128 (gptq)". A directory name
+    already taken gets its parent's in front ("a/w4 (rtn)", "b/w4 (rtn)"), then a number."""
+    algo = (info or {}).get("algo")
+    parts = Path(str(spec).rstrip("/")).parts or (str(spec),)
+    suffix = f" ({algo})" if algo else ""
+    for depth in range(1, len(parts) + 1):
+        name = "/".join(parts[-depth:]) + suffix
+        if name not in taken and name not in RESERVED:
+            return name
+    base, i = "/".join(parts) + suffix, 2
+    while f"{base}-{i}" in taken:
+        i += 1
+    return f"{base}-{i}"
 
 
 def fingerprint(spec: str, revision: str | None = None) -> str:
-    """Identifies the weights of a model for the baseline cache: a local directory by its files' names,
-    sizes and mtimes; a hub id by id and revision."""
+    """Identifies the weights of a model for the result cache: a local directory by its weight, config and
+    tokenizer files' names, sizes and mtimes (not wq.json, which --eval rewrites with the results); a hub id by id
+    and revision."""
     p = Path(spec)
     if p.is_dir():
         h = hashlib.sha256(str(p.resolve()).encode())
         for f in sorted(p.iterdir()):
+            if f.name == "wq.json":
+                continue
             if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file():
                 st = f.stat()
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

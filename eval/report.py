@@ -121,6 +121,8 @@ def to_markdown(report: dict) -> str:
     tasks = list(report["baseline"].get("tasks", {}))
     lines = ["# Evaluation vs the baseline", ""]
     lines.append(f"- baseline: `{report['baseline'].get('model')}`")
+    for name in names[1:]:
+        lines.append(f"- {name}: `{report[name].get('model')}`")
     lines.append(f"- dtype {s.get('dtype')}, device {s.get('device')}, processes {s.get('world_size')}, "
                  f"seqlen {s.get('seqlen')}, windows {s.get('windows') or 'all'}")
     for ds, proto in s.get("ppl_protocols", {}).items():
@@ -130,14 +132,15 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- tasks: limit {ts.get('limit')}, batch {ts.get('batch_size')}, BOS {ts.get('add_bos')}, "
                      f"fewshot {ts.get('num_fewshot') or 0}")
     lines.append("")
-    head = ["model", "bits/weight"] + [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]
+    head = ["model", "algorithm", "scheme", "bits/weight"] + [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]
     if tasks:
         head.append("avg acc")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         m = report[name]
         dl = report["deltas"].get(name, {})
-        row = [name, _fmt(m.get("bits_per_weight"), ".2f")]
+        algo, scheme = (("—", "—") if name == "baseline" else (m.get("algo") or "—", m.get("scheme") or "—"))
+        row = [name, algo, scheme, _fmt(m.get("bits_per_weight"), ".2f")]
         for ds in datasets:
             cell = _fmt_ppl(m["ppl"].get(ds, {}).get("ppl"))
             c = dl.get("ppl", {}).get(ds)
@@ -167,38 +170,62 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _points(report: dict, panel: str, dataset: str | None) -> list[tuple[float, float, str, str]]:
+    """(bits per weight, value, name, algorithm) of every quantized model that has the panel's value."""
+    pts = []
+    for n in report["models"][1:]:
+        m = report[n]
+        y = m["ppl"].get(dataset, {}).get("ppl") if panel == "ppl" else avg_acc(m.get("tasks", {}))
+        if y is not None and m.get("bits_per_weight") is not None:
+            pts.append((m["bits_per_weight"], y, n, m.get("algo") or "?"))
+    return pts
+
+
+def axis_scale(values: list[float], span: float = 20.0) -> str:
+    """"log" when the values span more than `span`x (a 2-bit model at 10^4 next to BF16 at 20), else "linear"."""
+    return "log" if min(values) > 0 and max(values) / min(values) > span else "linear"
+
+
 def plot(report: dict, path: str | Path) -> None:
-    """Perplexity (first dataset) and average accuracy against bits per weight; BF16 as a line."""
+    """Perplexity (first dataset) and average accuracy against bits per weight, BF16 as a dashed line.
+
+    Each model is its own marker in the legend (no text on the plot, so labels of close or equal points cannot
+    overprint); points are joined only within one algorithm (a series over bit widths), never across
+    unrelated models. The perplexity axis is linear unless the values span more than 20x; a log axis is
+    labelled with plain numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    names = [n for n in report["models"] if n != "baseline"]
     base = report["baseline"]
     datasets = list(base.get("ppl", {}))
     has_acc = avg_acc(base.get("tasks", {})) is not None
     panels = (["ppl"] if datasets else []) + (["acc"] if has_acc else [])
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.2), squeeze=False)
+    markers = "osD^vP*Xh<>"
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
-        pts = []
-        for n in names:
-            m = report[n]
-            y = m["ppl"].get(datasets[0], {}).get("ppl") if panel == "ppl" else avg_acc(m.get("tasks", {}))
-            if y is not None and m.get("bits_per_weight") is not None:
-                pts.append((m["bits_per_weight"], y, n))
-        pts.sort()
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ref = base["ppl"][datasets[0]]["ppl"] if panel == "ppl" else avg_acc(base["tasks"])
-        ax.axhline(ref, ls="--", color="gray", label="baseline (BF16)")
+        dataset = datasets[0] if datasets else None
+        pts = _points(report, panel, dataset)
+        for k, (x, y, n, _) in enumerate(pts):
+            ax.plot([x], [y], markers[k % len(markers)], color=colors[k % len(colors)], ms=8, alpha=0.85,
+                    label=n, zorder=3)
+        for algo in sorted({a for *_, a in pts}):
+            series = sorted((x, y) for x, y, _, a in pts if a == algo)
+            if len(series) > 1 and len({x for x, _ in series}) == len(series):  # one point per bit width
+                ax.plot([x for x, _ in series], [y for _, y in series], "-", color="gray", lw=1, alpha=0.6, zorder=2)
+        ref = base["ppl"][dataset]["ppl"] if panel == "ppl" else avg_acc(base["tasks"])
+        ax.axhline(ref, ls="--", color="black", lw=1, label="baseline (BF16)")
         ax.set_xlabel("bits per weight")
-        ax.set_ylabel(f"perplexity ({datasets[0]})" if panel == "ppl" else "average accuracy")
-        if panel == "ppl":
+        ax.set_ylabel(f"perplexity ({dataset}, lower is better)" if panel == "ppl" else "average accuracy")
+        if panel == "ppl" and axis_scale([y for _, y, _, _ in pts] + [ref]) == "log":
             ax.set_yscale("log")
-        ax.legend()
+            plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

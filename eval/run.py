@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -30,9 +28,12 @@ from pathlib import Path
 
 import torch
 
+from wq.config import HelpFormatter
+from wq.errors import UserError
 from wq.kernels.dispatch import exact_kernels
 
 from . import models as M
+from .cache import ResultCache
 from .local_tasks import LOCAL_TASKS_VERSION
 from .ppl import clip_seqlen, load_ppl_data, perplexity
 from .report import SCHEMA, build_report, write_report
@@ -40,7 +41,6 @@ from .tasks import UnknownTaskError, check_tasks, resolve_add_bos, run_tasks
 
 log = logging.getLogger("eval.run")
 
-CACHE_VERSION = 1
 
 
 def dist_state(device: str | None = None):
@@ -70,14 +70,6 @@ def versions() -> dict:
     return out
 
 
-def _broadcast(obj, state):
-    if state.num_processes <= 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @exact_kernels()  # the report measures the weights: no int8 rounding of activations by a CPU speed kernel
 def _evaluate_model(model, tokenizer, data, tasks, *, batch_size, task_batch_size, limit, add_bos,
                     num_fewshot, local_docs, state, label) -> dict | None:
@@ -98,6 +90,23 @@ def _evaluate_model(model, tokenizer, data, tasks, *, batch_size, task_batch_siz
                 log.info("%s: %s %s", label, name, {k: round(v, 4) for k, v in row.items() if k in ("acc", "acc_norm")})
     res["seconds"] = round(time.time() - t0, 1)
     return res if state.is_main_process else None
+
+
+def _evaluate_quant(model, qtok, name, info, spec, tok, data, tasks, forward, dt, state, kw) -> dict | None:
+    """One quantized model under the run's protocol: {"model", "path", "scheme", "algo", "bits_per_weight", ...}.
+    A model the caller passed in is given back with its QuantLinears restored."""
+    bpw = M.bits_per_weight(model)
+    replaced = M.dequantize_linears(model, dt) if forward == "dequantized" else {}
+    if qtok is not None and qtok.get_vocab() != tok.get_vocab():
+        log.warning("%s: its tokenizer differs from the baseline's; evaluating with the baseline's", name)
+    res = _evaluate_model(model, tok, data, tasks, label=name, **kw)
+    M.restore_linears(model, replaced)
+    del model, replaced
+    _free()
+    if not state.is_main_process:
+        return None
+    return {"model": str(spec), "scheme": (info or {}).get("scheme"), "algo": (info or {}).get("algo"),
+            "bits_per_weight": bpw, **res}
 
 
 def _free():
@@ -138,8 +147,9 @@ def evaluate(
     the first N windows only; limit: first N docs per task. dtype: one for every model (default fp32 on
     CPU, bf16 on GPU). quant_forward: "kernels" runs the packed kernels, "dequantized" swaps in nn.Linear
     with the dequantized weights (the reference kernel's numbers, far faster on CPU); "auto" = kernels on
-    GPU, dequantized on CPU. names: report names for the quant entries. cache: reuse a cached baseline result
-    for the same (model, revision, settings). out: also write report.json/.md/.png there.
+    GPU, dequantized on CPU. names: report names for the quant entries (default: directory and algorithm).
+    cache: reuse the cached results of a model evaluated before under the same settings and versions (the baseline,
+    and every checkpoint directory: keyed by its files' names, sizes and modification times). out: also write report.json/.md/.png there.
     Under several processes every rank calls this; rank 0 gets the report, the others None.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -150,7 +160,10 @@ def evaluate(
     forward = M.resolve_quant_forward(quant_forward, dev)
     quants = list(quant) if isinstance(quant, list | tuple) else [quant]
     tasks = check_tasks(tasks, local_docs)  # unknown names fail here, before any model runs
-    base_path = M.resolve(baseline)
+    base_path = M.resolve(baseline, revision)
+    for q in quants:  # a mistyped --quant fails now, not after the baseline ran
+        if not isinstance(q, torch.nn.Module):
+            M.resolve(str(q))
     tok = tokenizer or AutoTokenizer.from_pretrained(base_path, revision=revision)
     seqlen = clip_seqlen(AutoConfig.from_pretrained(base_path, revision=revision), seqlen)
     data = {}
@@ -168,28 +181,52 @@ def evaluate(
     kw = dict(batch_size=batch_size, task_batch_size=task_batch_size, limit=limit, add_bos=add_bos,
               num_fewshot=num_fewshot, local_docs=local_docs, state=state)
 
-    # ---- baseline, cached by (model, revision, settings, versions)
-    key_src = {"v": CACHE_VERSION, "model": M.fingerprint(base_path, revision),
-               "settings": {k: v for k, v in settings.items()
-                            if k not in ("world_size", "ppl_batch_size", "quant_forward")},
-               "versions": {k: v for k, v in versions().items() if k != "wq"}}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cache_file = baseline_cache_dir() / f"baseline-{key}.json"
-    base_res = None
-    if cache and state.is_main_process and cache_file.exists():
-        base_res = json.loads(cache_file.read_text())
-        log.info("baseline from cache %s", cache_file)
-    base_res = _broadcast(base_res, state) if cache else None
-    if base_res is None:
+    # ---- every model's results are cached per part (each perplexity dataset, the task list): what was measured
+    # before under the same settings and versions is read back, and a model is loaded only for what is missing
+    cache_ = ResultCache(baseline_cache_dir(), enabled=cache, state=state, versions=versions())
+    run_on = {"dtype": settings["dtype"], "device": settings["device"]}
+    ppl_parts = {k: {"part": "ppl", "dataset": k, "protocol": d.protocol, "seqlen": seqlen, "windows": windows,
+                     **run_on} for k, d in data.items()}
+    task_part = {"part": "tasks", **(settings["tasks"] or {}), **run_on} if tasks else None
+
+    def measure(kind: str, fingerprint: str, extra: dict, compute) -> dict | None:
+        """Cached parts merged with the missing ones, which compute(data, tasks) -> result measures."""
+        paths = {("ppl", k): cache_.path(kind, fingerprint, {**part, **extra}) for k, part in ppl_parts.items()}
+        if task_part is not None:
+            paths[("tasks",)] = cache_.path(kind, fingerprint, {**task_part, **extra})
+        hits = {p: cache_.get(path) for p, path in paths.items()}
+        todo_data = {k: d for k, d in data.items() if hits[("ppl", k)] is None}
+        todo_tasks = tasks if task_part is not None and hits[("tasks",)] is None else []
+        res = {"ppl": {}, "tasks": {}, "seconds": 0.0}
+        if todo_data or todo_tasks:
+            res = compute(todo_data, todo_tasks)
+            if res is None:  # not rank 0
+                return None
+            meta = {k: v for k, v in res.items() if k not in ("ppl", "tasks", "seconds")}
+            for k in todo_data:
+                cache_.put(paths[("ppl", k)], {**meta, "ppl": {k: res["ppl"][k]}})
+            if todo_tasks:
+                cache_.put(paths[("tasks",)], {**meta, "tasks": res["tasks"]})
+        if not state.is_main_process:
+            return None
+        for hit in hits.values():
+            if hit is not None:
+                for key, value in hit.items():
+                    if key in ("ppl", "tasks"):
+                        res[key].update(value)
+                    else:
+                        res.setdefault(key, value)
+        res["ppl"] = {k: res["ppl"][k] for k in data}  # the order asked for
+        return res
+
+    def run_baseline(todo_data, todo_tasks):
         model, _, _ = M.load_model(base_path, device=dev, dtype=dt, revision=revision)
-        base_res = _evaluate_model(model, tok, data, tasks, label="baseline", **kw)
+        res = _evaluate_model(model, tok, todo_data, todo_tasks, label="baseline", **kw)
         del model
         _free()
-        if cache and state.is_main_process:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(base_res))
-            os.replace(tmp, cache_file)
+        return res
+
+    base_res = measure("baseline", M.fingerprint(base_path, revision), {}, run_baseline)
     if state.is_main_process:
         base_res = {"model": str(baseline), "path": base_path, "bits_per_weight": 16.0, **base_res}
 
@@ -197,26 +234,28 @@ def evaluate(
     results, taken = {}, set()
     for i, q in enumerate(quants):
         if isinstance(q, torch.nn.Module):
-            model, qtok, spec = q, None, getattr(getattr(q, "config", None), "name_or_path", None) or "model"
-            scheme = (getattr(q, "wq_quant", None) or {}).get("scheme")
-            info = {"scheme": scheme} if scheme else None
+            wq_quant = getattr(q, "wq_quant", None) or {}
+            info = {"scheme": wq_quant.get("scheme"), "algo": wq_quant.get("algo")}
+            spec = getattr(getattr(q, "config", None), "name_or_path", None) or "model"
+            name = names[i] if names else M.model_name(info["scheme"] or "model", info, taken)
+            res = _evaluate_quant(q, None, name, info, spec, tok, data, tasks, forward, dt, state, kw)
         else:
             spec = str(q)
-            model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
-        name = names[i] if names else M.model_name(spec, info, taken)
+            path = M.resolve(spec)
+            info = M.quant_info(path)
+            name = names[i] if names else M.model_name(spec, info, taken)
+
+            def run_one(todo_data, todo_tasks, spec=spec, name=name):
+                model, qtok, info = M.load_model(spec, device=dev, dtype=dt)
+                return _evaluate_quant(model, qtok, name, info, spec, tok, todo_data, todo_tasks, forward, dt, state,
+                                       kw)
+
+            res = measure("quant", M.fingerprint(path), {"quant_forward": forward}, run_one)
+            if res is not None:
+                res.update(model=spec, scheme=(info or {}).get("scheme"), algo=(info or {}).get("algo"))
         taken.add(name)
-        bpw = M.bits_per_weight(model)
-        replaced = M.dequantize_linears(model, dt) if forward == "dequantized" else {}
-        if qtok is not None and qtok.get_vocab() != tok.get_vocab():
-            log.warning("%s: its tokenizer differs from the baseline's; evaluating with the baseline's", name)
-        res = _evaluate_model(model, tok, data, tasks, label=name, **kw)
         if state.is_main_process:
-            results[name] = {"model": str(spec), "scheme": (info or {}).get("scheme"),
-                             "bits_per_weight": bpw, **res}
-        if isinstance(q, torch.nn.Module):
-            M.restore_linears(model, replaced)
-        del model, replaced
-        _free()
+            results[name] = res
 
     if not state.is_main_process:
         return None
@@ -228,8 +267,7 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--baseline", default="default", help="hub id, directory, or 'default' (bundled model)")
     p.add_argument("--quant", action="append", required=True, help="quantized checkpoint directory (repeatable)")
     p.add_argument("--ppl", nargs="*", action="extend", default=None,
@@ -239,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", action="extend", default=None,
                    help="lm-eval tasks or presets: austen (offline), paper, leaderboard")
     p.add_argument("--limit", type=int, default=None, help="first N docs per task")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
     p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward")
-    p.add_argument("--task-batch-size", type=int, default=8)
+    p.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (requests lm-eval's own path scores at once)")
     p.add_argument("--dtype", default=None, help="float32|bfloat16|float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
     p.add_argument("--quant-forward", choices=M.QUANT_FORWARDS, default="auto",
@@ -250,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend BOS to task requests (default: as the tokenizer does)")
     p.add_argument("--local-docs", type=int, default=500, help="docs per local Austen task")
     p.add_argument("--revision", default=None, help="baseline hub revision")
-    p.add_argument("--no-cache", action="store_true", help="re-evaluate the baseline even if cached")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-evaluate every model, even those whose results are cached for these settings")
     p.add_argument("-o", "--out", default=None, help="report directory (default: <first quant>/eval)")
     return p
 
@@ -261,16 +300,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = args.out or os.path.join(args.quant[0], "eval")
-    try:  # evaluate() checks the task names before it loads anything
-        report = evaluate(
-            args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
-            tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
-            batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
-            device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
-            num_fewshot=args.num_fewshot, local_docs=args.local_docs,
-            revision=args.revision, cache=not args.no_cache, out=out,
-        )
-    except UnknownTaskError as e:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:  # evaluate() checks the task names and model paths before it loads anything
+        with logging_redirect_tqdm():  # log lines above the progress bars, not inside them
+            report = evaluate(
+                args.quant, baseline=args.baseline, ppl=args.ppl if args.ppl is not None else ["austen"],
+                tasks=args.tasks or (), seqlen=args.seqlen, windows=args.windows, limit=args.limit,
+                batch_size=args.batch_size, task_batch_size=args.task_batch_size, dtype=args.dtype,
+                device=args.device, quant_forward=args.quant_forward, add_bos=args.add_bos,
+                num_fewshot=args.num_fewshot, local_docs=args.local_docs,
+                revision=args.revision, cache=not args.no_cache, out=out,
+            )
+    except (UnknownTaskError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report is not None:

@@ -56,7 +56,7 @@ def resolve_add_bos(tokenizer, add_bos: bool | None) -> bool:
 
 
 def _make_lm(model, tokenizer, *, batch_size: int, add_bos: bool, max_length: int | None,
-             rank: int, world_size: int):
+             rank: int, world_size: int, shared_contexts: bool = True):
     from lm_eval.models.huggingface import HFLM
 
     class _ShardedHFLM(HFLM):
@@ -78,6 +78,34 @@ def _make_lm(model, tokenizer, *, batch_size: int, add_bos: bool, max_length: in
         def barrier(self):
             if self.world_size > 1:
                 torch.distributed.barrier()
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """Shared contexts and logits only where read (eval.loglik); HFLM's own path when that does not apply."""
+            if not shared_contexts or self.backend != "causal" or getattr(self, "_plain_only", False):
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            from tqdm import tqdm
+
+            from .loglik import loglikelihood
+
+            tok = self.tokenizer
+            pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+            bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood requests")
+            got = loglikelihood(self.model, [(ctx, cont) for _, ctx, cont in requests], max_length=self.max_length,
+                                pad_id=pad, progress=bar.update)
+            bar.close()
+            if got is None:
+                self._plain_only = True
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            results, rest = got
+            if rest:  # longer than the model's context: HFLM truncates them from the left
+                sub = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True)
+                results.update(zip(rest, sub))
+            out = []
+            for i, (key, _, _) in enumerate(requests):
+                out.append(results[i])
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, results[i])
+            return out
 
     return _ShardedHFLM()
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import os
 
-import pytest
-import torch
+from wq.threads import configure_openmp
+
+configure_openmp()  # before torch loads (see wq/threads.py): a shared, busy machine costs 10x otherwise
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter without a GPU. The flag is read when a kernel module is

@@ -25,12 +25,13 @@ def test_help_explains_every_flag():
         (["--scheme", "W5G128", "-o", "X"], "W<bits>G<group>"),
         (["--scheme", "W4G128", "--algo", "rtm", "-o", "X"], "Did you mean 'rtn'"),
         (["--scheme", "W4G128"], "-o OUT"),
-        (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "not found"),
+        (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "no such local directory"),
         (["--override", "down_proj", "-o", "X"], "PATTERN=SCHEME"),
         (["--format", "gtpq", "-o", "X"], "Did you mean 'gptq'"),
         (["--algo", "recon", "--init", "gtpq", "-o", "X"], "--init gtpq: choose one of rtn, gptq, autoround"),
         (["--algo", "awq", "--quantizer", "hqq", "-o", "X"], "--quantizer hqq"),
         (["--bits-budget", "3", "--bits-candidates", "W5G128", "-o", "X"], "W<bits>G<group>"),
+        (["--algo", "gptq", "--calib", "corpus.txt", "-o", "X"], "--calib corpus.txt: no such file"),
     ],
 )
 def test_bad_input_errors(argv, needle, tmp_path, capsys, monkeypatch):
@@ -42,6 +43,7 @@ def test_bad_input_errors(argv, needle, tmp_path, capsys, monkeypatch):
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")  # an empty directory is filled without --overwrite
     assert main(["--scheme", "W4G128", "-o", str(tmp_path / "o")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
@@ -63,6 +65,25 @@ def test_end_to_end_default_model(tmp_path, real_tokenizer, capsys):
     assert torch.isfinite(logits.float()).all()
 
 
+def test_eval_flag_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """--eval: the checkpoint's perplexity next to its source model's, report files and wq.json "eval"."""
+    from eval_helpers import _tiny_dir
+
+    monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "w3"
+    argv = [_tiny_dir(), "--scheme", "W3G32", "-o", str(out), "--no-progress", "--eval", "--eval-seqlen", "64",
+            "--eval-windows", "3", "--eval-ppl", "austen"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ppl (seqlen 64): baseline" in printed and "eval report:" in printed
+    meta = json.loads((out / "wq.json").read_text())
+    base = meta["eval"]["baseline"]["ppl"]["prideprejudice"]
+    quant = meta["eval"]["w3 (rtn)"]["ppl"]["prideprejudice"]
+    assert base["tokens"] == quant["tokens"] == 3 * 63 and quant["nll_sum"] != base["nll_sum"]
+    assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()
+
+
+@pytest.mark.slow  # the bundled model end to end; the same path runs fast on a tiny model above
 def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "w3"
@@ -74,7 +95,22 @@ def test_eval_flag_writes_report_and_wq_json(tmp_path, capsys, monkeypatch):
     meta = json.loads((out / "wq.json").read_text())
     (dataset,) = meta["eval"]["baseline"]["ppl"]
     base = meta["eval"]["baseline"]["ppl"][dataset]
-    quant = meta["eval"]["W3G128"]["ppl"][dataset]
+    quant = meta["eval"]["w3 (rtn)"]["ppl"][dataset]
     assert base["tokens"] == quant["tokens"] and base["seqlen"] == 128
     assert quant["ppl"] > base["ppl"] > 1  # 3-bit RTN costs perplexity
     assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()
+
+
+def test_summary_shows_the_error_the_algorithm_minimises():
+    from wq.api import LayerReport, QuantReport
+    from wq.quantize import objective_rows
+
+    rep = QuantReport("W4G128", "gptq")
+    rep.layers = {f"l{i}": LayerReport("W4G128", 0.15, 0.1, 10, 3, {"output_error": e, "rtn_output_error": r})
+                  for i, (e, r) in enumerate([(0.04, 0.06), (0.02, 0.04)])}
+    ((label, value),) = objective_rows(rep)
+    assert label == "mean relative output error" and value.startswith("0.0300 (rtn on the same inputs: 0.0500")
+    rep.layers = {"l": LayerReport("W2G128", 0.3, 0.1, 10, 3, {"loss": 1.0, "rtn_loss": 2.0})}
+    assert objective_rows(rep) == [("block output loss", "0.500x rtn's on the same blocks (what gptq minimises)")]
+    rep.layers = {"l": LayerReport("W4G128", 0.1, 0.1, 10, 3, {})}
+    assert objective_rows(rep) == []

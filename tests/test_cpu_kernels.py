@@ -57,6 +57,23 @@ def test_native_extension_builds():
     assert cpu_native.available(), "cpu_avx2 extension did not build: see the warning logged above"
 
 
+def test_native_extension_is_built_once_and_reused(monkeypatch):
+    """Once built (above), another process imports the cached module: no compiler, no 'compiling' message."""
+    import subprocess
+    import sys
+
+    assert cpu_native.available()
+    key = cpu_native.build_key()
+    assert (cpu_native.build_dir() / f"wq_cpu_gemv_{key}.so").exists() and key in cpu_native.build_dir().name
+    code = "from wq.kernels import cpu_native as c; assert c.extension() is not None; print(c.extension().__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "compiling" not in out.stderr and str(cpu_native.build_dir()) in out.stdout
+    monkeypatch.setattr(cpu_native, "_ext", None)
+    monkeypatch.setattr(cpu_native, "_build", lambda *a: pytest.fail("rebuilt although the module is cached"))
+    assert cpu_native.extension() is not None
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_rows_round_trip(bits):
     q = torch.randint(0, 2**bits, (5, 13 * 32), generator=torch.Generator().manual_seed(bits))

@@ -4,10 +4,10 @@ import math
 from eval import report as R
 
 
-def _model(ppl_windows, acc, acc_se, bpw, seqlen=65):
+def _model(ppl_windows, acc, acc_se, bpw, seqlen=65, algo=None, scheme=None):
     nll = sum(ppl_windows)
     tokens = len(ppl_windows) * (seqlen - 1)
-    return {"model": "m", "bits_per_weight": bpw,
+    return {"model": "m", "bits_per_weight": bpw, "algo": algo, "scheme": scheme,
             "ppl": {"prideprejudice": {"ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
                                        "seqlen": seqlen, "window_nll": ppl_windows}},
             "tasks": {"austen_lastword": {"acc": acc, "acc_stderr": acc_se, "perplexity": 40.0, "n": 100},
@@ -17,8 +17,8 @@ def _model(ppl_windows, acc, acc_se, bpw, seqlen=65):
 
 def _report():
     base = _model([200.0, 210.0, 190.0, 205.0], 0.40, 0.02, 16.0)
-    w4 = _model([201.0, 211.2, 190.9, 206.1], 0.39, 0.02, 4.25)  # small, consistent loss
-    w2 = _model([300.0, 330.0, 280.0, 310.0], 0.10, 0.02, 2.25)
+    w4 = _model([201.0, 211.2, 190.9, 206.1], 0.39, 0.02, 4.25, algo="rtn", scheme="W4G128")  # small, consistent loss
+    w2 = _model([300.0, 330.0, 280.0, 310.0], 0.10, 0.02, 2.25, algo="gptq", scheme="W2G128")
     settings = {"dtype": "float32", "device": "cpu", "world_size": 1, "seqlen": 65, "windows": 4,
                 "ppl_protocols": {"prideprejudice": "windows"}, "tasks": {"limit": None}}
     return R.build_report(base, {"W4G128": w4, "W2G128": w2}, settings, {"torch": "x"})
@@ -66,6 +66,14 @@ def test_write_report_files(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema"] == R.SCHEMA
     md = (out / "report.md").read_text()
-    assert "| W4G128 | 4.25 |" in md and "| baseline | 16.00 |" in md and "ppl prideprejudice" in md
+    assert "| W4G128 | rtn | W4G128 | 4.25 |" in md and "| baseline | — | — | 16.00 |" in md
+    assert "ppl prideprejudice" in md and "- W2G128: `m`" in md
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_plot_axis_and_points():
+    rep = _report()
+    pts = R._points(rep, "ppl", "prideprejudice")
+    assert [(n, a) for _, _, n, a in pts] == [("W4G128", "rtn"), ("W2G128", "gptq")]
+    assert R.axis_scale([20.0, 27.0, 76.0]) == "linear" and R.axis_scale([20.0, 30000.0]) == "log"

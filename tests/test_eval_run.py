@@ -14,13 +14,15 @@ from eval import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(ppl=["austen"], seqlen=64, windows=4, cache=False)
+NAME = "W4G32 (rtn)"  # the checkpoint's directory and algorithm
 
 
 def test_evaluate_tiny_quant_checkpoint(tiny_dir, tiny_w4_dir, tmp_path):  # noqa: F811
     rep = run.evaluate(tiny_w4_dir, baseline=tiny_dir, tasks=["austen"], limit=4, local_docs=20,
                        out=tmp_path / "r", **SMALL)
-    assert rep["models"] == ["baseline", "W4G32"]
-    q, b = rep["W4G32"], rep["baseline"]
+    assert rep["models"] == ["baseline", NAME]
+    q, b = rep[NAME], rep["baseline"]
+    assert q["algo"] == "rtn" and q["scheme"] == "W4G32" and q["model"] == tiny_w4_dir
     assert q["bits_per_weight"] == pytest.approx(5.0)  # 4 bits + fp16 scale and zero per 32 weights
     assert b["bits_per_weight"] == 16.0
     for m in (b, q):
@@ -29,7 +31,7 @@ def test_evaluate_tiny_quant_checkpoint(tiny_dir, tiny_w4_dir, tmp_path):  # noq
         assert m["tasks"]["austen_continuation"]["n"] == 4
     assert q["ppl"]["prideprejudice"]["nll_sum"] != b["ppl"]["prideprejudice"]["nll_sum"]
     assert rep["settings"]["dtype"] == "float32" and rep["settings"]["quant_forward"] == "dequantized"
-    assert set(rep["deltas"]["W4G32"]) == {"ppl", "tasks", "avg_acc"}
+    assert set(rep["deltas"][NAME]) == {"ppl", "tasks", "avg_acc"}
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "report.png"}
 
 
@@ -37,7 +39,7 @@ def test_dequantized_forward_equals_reference_kernel(tiny_dir, tiny_w4_dir, monk
     monkeypatch.setenv("WQ_KERNEL", "reference")
     a = run.evaluate(tiny_w4_dir, baseline=tiny_dir, quant_forward="dequantized", **SMALL)
     k = run.evaluate(tiny_w4_dir, baseline=tiny_dir, quant_forward="kernels", **SMALL)
-    assert a["W4G32"]["ppl"]["prideprejudice"]["nll_sum"] == k["W4G32"]["ppl"]["prideprejudice"]["nll_sum"]
+    assert a[NAME]["ppl"]["prideprejudice"]["nll_sum"] == k[NAME]["ppl"]["prideprejudice"]["nll_sum"]
 
 
 def test_in_memory_model_is_left_quantized(tiny_dir, tiny_w4_dir):  # noqa: F811
@@ -47,24 +49,37 @@ def test_in_memory_model_is_left_quantized(tiny_dir, tiny_w4_dir):  # noqa: F811
     model = wq.load(tiny_w4_dir, dtype=torch.float32)
     n_q = sum(isinstance(m, QuantLinear) for m in model.modules())
     rep = run.evaluate(model, baseline=tiny_dir, **SMALL)
-    assert rep["models"] == ["baseline", "W4G32"]
+    assert rep["models"] == ["baseline", NAME]
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_q > 0
 
 
-def test_baseline_cache_is_reused_and_keyed_by_settings(tiny_dir, tiny_w4_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_results_cache_is_reused_and_keyed_by_settings(tiny_dir, tiny_w4_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
     kw = {**SMALL, "cache": True}
     first = run.evaluate(tiny_w4_dir, baseline=tiny_dir, **kw)
-    files = list((tmp_path / "cache").glob("baseline-*.json"))
-    assert len(files) == 1
-    cached = json.loads(files[0].read_text())
-    cached["ppl"]["prideprejudice"]["ppl"] = 12345.0  # proves the second run reads the cache
-    files[0].write_text(json.dumps(cached))
+    (base_file,) = (tmp_path / "cache").glob("baseline-*.json")
+    (quant_file,) = (tmp_path / "cache").glob("quant-*.json")
+    for f, value in ((base_file, 12345.0), (quant_file, 23456.0)):  # proves the second run reads the cache
+        cached = json.loads(f.read_text())
+        cached["ppl"]["prideprejudice"]["ppl"] = value
+        f.write_text(json.dumps(cached))
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("a cached model was loaded"))
     second = run.evaluate(tiny_w4_dir, baseline=tiny_dir, **kw)
     assert second["baseline"]["ppl"]["prideprejudice"]["ppl"] == 12345.0
-    assert second["W4G32"]["ppl"] == first["W4G32"]["ppl"]
+    assert second[NAME]["ppl"]["prideprejudice"]["ppl"] == 23456.0 and second[NAME]["algo"] == "rtn"
+    assert second[NAME]["bits_per_weight"] == first[NAME]["bits_per_weight"]
+    monkeypatch.undo()
+    monkeypatch.setenv("WQ_EVAL_CACHE", str(tmp_path / "cache"))
     run.evaluate(tiny_w4_dir, baseline=tiny_dir, **{**kw, "windows": 3})  # other settings -> other key
     assert len(list((tmp_path / "cache").glob("baseline-*.json"))) == 2
+    assert len(list((tmp_path / "cache").glob("quant-*.json"))) == 2
+    # adding tasks to the same perplexity settings computes only the tasks (e.g. after wq.quantize --eval)
+    calls = []
+    real = run.perplexity
+    monkeypatch.setattr(run, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    third = run.evaluate(tiny_w4_dir, baseline=tiny_dir, tasks=["austen_lastword"], limit=1, local_docs=20, **kw)
+    assert calls == [] and third["baseline"]["ppl"]["prideprejudice"]["ppl"] == 12345.0
+    assert third[NAME]["tasks"]["austen_lastword"]["n"] == 1
 
 
 def test_cli_writes_reports_next_to_the_first_quant(tiny_dir, tmp_path):  # noqa: F811
@@ -76,13 +91,28 @@ def test_cli_writes_reports_next_to_the_first_quant(tiny_dir, tmp_path):  # noqa
                    "--seqlen", "64", "--windows", "3", "--no-cache"])
     assert rc == 0
     rep = json.loads((q / "eval" / "report.json").read_text())
-    assert rep["models"] == ["baseline", "W4G32", "W4G32-2"]
+    assert rep["models"][:2] == ["baseline", NAME] and rep["models"][2].endswith(f"/{NAME}")
     assert list(rep["baseline"]["ppl"]) == ["persuasion"]
+
+
+def test_cli_names_a_missing_quant_dir_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "w4").mkdir(parents=True)
+    (tmp_path / "out" / "w4" / "gptq").mkdir()
+    (tmp_path / "out" / "w4" / "gptq" / "config.json").write_text("{}")
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert run.main(["--baseline", tiny_dir, "--quant", "out/w3", "--no-cache"]) == 2
+    assert "no such local directory" in capsys.readouterr().err
+    assert run.main(["--baseline", tiny_dir, "--quant", "out/w4", "--no-cache"]) == 2
+    assert "holds the formats gptq: give out/w4/<format>" in capsys.readouterr().err
 
 
 def test_model_helpers(tiny_w4_dir, tiny_dir):  # noqa: F811
     assert M.quant_info(tiny_dir) is None
-    assert M.quant_info(tiny_w4_dir)["scheme"] == "W4G32"
+    assert M.quant_info(tiny_w4_dir)["scheme"] == "W4G32" and M.quant_info(tiny_w4_dir)["algo"] == "rtn"
+    assert M.model_name("out/w4", {"algo": "gptq"}, set()) == "w4 (gptq)"
+    assert M.model_name("b/w4", {"algo": "gptq"}, {"w4 (gptq)"}) == "b/w4 (gptq)"  # same directory name: + parent
+    assert M.model_name("baseline", None, set()) == "baseline-2"  # reserved words are never model names
     assert M.parse_dtype(None, "cpu") == torch.float32 and M.parse_dtype(None, "cuda") == torch.bfloat16
     assert M.resolve_quant_forward("auto", "cpu") == "dequantized"
     with pytest.raises(ValueError, match="choose from"):
@@ -108,7 +138,7 @@ def test_two_processes_give_the_single_process_numbers(tiny_dir, tiny_w4_dir, tm
     one = run.evaluate(tiny_w4_dir, baseline=tiny_dir, ppl=["austen"], seqlen=64, windows=5, tasks=["austen"],
                        limit=5, local_docs=20, cache=False)
     assert two["settings"]["world_size"] == 2 and one["settings"]["world_size"] == 1
-    for name in ("baseline", "W4G32"):
+    for name in ("baseline", NAME):
         p1, p2 = one[name]["ppl"]["prideprejudice"], two[name]["ppl"]["prideprejudice"]
         assert p2["tokens"] == p1["tokens"] and math.isclose(p2["ppl"], p1["ppl"], rel_tol=1e-4)
         for task in ("austen_lastword", "austen_continuation"):
@@ -127,6 +157,6 @@ def test_real_w4_checkpoint_costs_perplexity(default_dir, tokenizer, tmp_path): 
     wq.quantize_model(model, "W4G128", progress=False)
     wq.save(model, tmp_path / "w4", tokenizer=tokenizer)
     rep = run.evaluate(str(tmp_path / "w4"), baseline="default", ppl=["austen"], seqlen=256, windows=3, cache=False)
-    d = rep["deltas"]["W4G128"]["ppl"]["prideprejudice"]
+    d = rep["deltas"]["w4 (rtn)"]["ppl"]["prideprejudice"]
     assert 0 < d["relative"] < 1.0, d  # ASSETS.md: about +30% for plain RTN W4G128
-    assert rep["W4G128"]["bits_per_weight"] == pytest.approx(4.27, abs=0.01)  # partial last groups of 576
+    assert rep["w4 (rtn)"]["bits_per_weight"] == pytest.approx(4.27, abs=0.01)  # partial last groups of 576

@@ -60,6 +60,7 @@ def test_local_tasks_run_on_a_tiny_model(tokenizer):  # noqa: F811
     assert r["settings"]["add_bos"] is False and r["settings"]["limit"] == 6
 
 
+@pytest.mark.slow  # the capability runs fast on a tiny model above; this checks the real model's quality
 def test_real_model_beats_chance_on_local_tasks(real_model_fp32, tokenizer):  # noqa: F811
     r = tasks.run_tasks(real_model_fp32, tokenizer, ["austen"], limit=12, n_local_docs=20, batch_size=12)
     lw, cont = r["tasks"]["austen_lastword"], r["tasks"]["austen_continuation"]

@@ -56,6 +56,9 @@ def test_gptq_output_error_below_rtn(real_layer, scheme):
     assert got == pytest.approx(res.stats["loss"], rel=1e-3)
     assert got < 0.8 * rtn, (scheme, got, rtn)
     assert res.packed.g_idx is None and res.packed.scales.shape == (s.n_groups(576), w.shape[0])
+    ref = output_error(w, torch.zeros_like(w), H)  # the relative errors the CLI's summary shows
+    assert res.stats["output_error"] == pytest.approx((got / ref) ** 0.5, rel=1e-3)
+    assert res.stats["rtn_output_error"] == pytest.approx((rtn / ref) ** 0.5, rel=1e-3)
 
 
 @pytest.mark.parametrize("scheme", ["W4G128", "W2G128"])
@@ -104,3 +107,33 @@ def test_registered_class_needs_hessian():
     assert cls.needs_calibration and cls.granularity == "layer"
     with pytest.raises(ValueError, match="Hessian"):
         cls().quantize_weight(torch.randn(8, 32), QuantScheme.parse("W4G32"))
+
+
+@pytest.mark.parametrize("scheme", ["W4G128", "W3G64", "W2G32", "W4G-1"])
+def test_batched_gptq_gives_the_same_codes(scheme):
+    from wq.algorithms.gptq import gptq_quantize, gptq_quantize_many
+
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(48, 200, generator=g) for _ in range(3)]
+    xs = [torch.randn(300, 200, generator=g) * torch.rand(200, generator=g) * 3 for _ in range(3)]
+    Hs = [2 * x.t() @ x / 300 for x in xs]
+    s = QuantScheme.parse(scheme)
+    for many, w, H in zip(gptq_quantize_many(ws, Hs, s), ws, Hs):
+        one = gptq_quantize(w, H, s)
+        assert torch.equal(many.packed.qweight, one.packed.qweight) and torch.equal(many.packed.scales, one.packed.scales)
+
+
+def test_relative_output_error_on_a_row_sample_is_close():
+    """Beyond `rows` output rows the summary's relative errors come from a fixed row sample (cost bound)."""
+    from wq.algorithms.gptq import _objective
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1200, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    H = 2 * x.t() @ x / 256
+    s = QuantScheme.parse("W3G32")
+    w_hat = rtn_quantize(w, s).packed.dequantize()
+    exact, sampled = _objective(w, w_hat, H, s, False, rows=4096), _objective(w, w_hat, H, s, False, rows=100)
+    assert exact["loss"] == sampled["loss"]  # the loss itself is always over every row
+    assert exact["output_error"] == pytest.approx(exact["rtn_output_error"], rel=1e-5)  # w_hat is rtn here
+    assert sampled["output_error"] == pytest.approx(exact["output_error"], rel=0.1)

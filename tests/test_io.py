@@ -86,15 +86,16 @@ def test_save_is_atomic_and_refuses_existing(tiny_model, tmp_path, monkeypatch):
     wq.quantize_model(tiny_model, "W4G128", progress=False)
     out = tmp_path / "o"
     out.mkdir()
+    (out / "notes.txt").write_text("mine")  # an empty directory would be filled
     with pytest.raises(FileExistsError, match="overwrite"):
         wq.save(tiny_model, out)
 
-    import wq.io as io
+    import wq.writing.shards as shards
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", disk_full)
+    monkeypatch.setattr(shards, "_append", disk_full)  # the disk fills while a shard is being written
     with pytest.raises(OSError, match="No space"):
         wq.save(tiny_model, tmp_path / "new")
     assert not (tmp_path / "new").exists()
@@ -119,3 +120,34 @@ def test_real_model_round_trip(real_model, real_tokenizer, tmp_path):
     wq.save(real_model, tmp_path / "o", format="gptq", tokenizer=real_tokenizer)
     loaded = wq.load(tmp_path / "o")
     assert torch.equal(_logits(loaded, ids), ref)
+
+
+def _llama(hidden, inter):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                        num_attention_heads=5 if hidden % 5 == 0 else 4, num_key_value_heads=1,
+                                        vocab_size=128, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "auto_round"])
+def test_consumers_come_from_the_real_shapes(tmp_path, fmt, caplog):
+    """in_features 100 and 200: no group of 32-256 divides them (the hint must not suggest one); every GPTQ-style
+    export records that vLLM cannot load it."""
+    model = _llama(100, 200)
+    wq.quantize_model(model, "W4G128", progress=False)
+    with caplog.at_level("WARNING"):
+        wq.save(model, tmp_path / "o", format=fmt)
+    vllm = json.loads((tmp_path / "o" / "wq.json").read_text())["consumers"]["vllm"]
+    assert "in_features 100, 200" in vllm and "no group size divides them: use G-1" in vllm and "576" not in vllm
+    assert "will NOT load in vllm" in caplog.text
+    model = _llama(128, 320)  # 320 = 2.5 groups of 128, whole groups of 64 and 32
+    wq.quantize_model(model, "W4G128", progress=False)
+    wq.save(model, tmp_path / "p", format=fmt)
+    vllm = json.loads((tmp_path / "p" / "wq.json").read_text())["consumers"]["vllm"]
+    assert "in=320" in vllm and "use G64 or G32" in vllm
+    model = _llama(128, 256)
+    wq.quantize_model(model, "W4G128", progress=False)
+    wq.save(model, tmp_path / "q", format=fmt)
+    assert json.loads((tmp_path / "q" / "wq.json").read_text())["consumers"]["vllm"] is None

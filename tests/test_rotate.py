@@ -108,3 +108,22 @@ def test_layout_of_llama_block_and_refusals():
     assert block_layout(gpt2.transformer.h[0]).writers == ["attn.c_proj", "mlp.c_proj"]  # Conv1D, [in, out]
     with pytest.raises(LayoutError, match="RMSNorm"):
         rotate_model(gpt2)
+
+
+def test_cli_rotate_loads_the_model_whole(tmp_path, caplog):
+    """--rotate touches the embeddings, every block and the head, so the CLI takes the in-memory path (one log
+    line saying why) instead of the model-free rtn or streamed one, and the checkpoint records the rotation."""
+    import json
+    import logging
+
+    from wq.quantize import main
+
+    make_tiny_llama(tie=True).save_pretrained(tmp_path / "m")
+    out = tmp_path / "q"
+    with caplog.at_level(logging.INFO, logger="wq"):
+        assert main([str(tmp_path / "m"), "--scheme", "W4G32", "--rotate", "-o", str(out), "--no-progress"]) == 0
+    whole = [r.getMessage() for r in caplog.records if "loading the model whole" in r.getMessage()]
+    assert len(whole) == 1 and "--rotate" in whole[0]
+    assert not any("model-free" in r.getMessage() or "streaming" in r.getMessage() for r in caplog.records)
+    meta = json.loads((out / "wq.json").read_text())
+    assert "untied_lm_head" in meta["rotation"] and not meta.get("streamed")

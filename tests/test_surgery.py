@@ -56,3 +56,11 @@ def test_dtype_moves_keep_the_stored_fp16_scales(tiny_model):
     assert ql.scales.dtype == torch.float16 and torch.equal(ql.scales, before)
     tiny_model.float()
     assert ql.scales.dtype == torch.float16
+
+
+def test_quantized_under_inference_mode_runs(tiny_model):
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.inference_mode():  # buffers made here are inference tensors: no version counter
+        wq.quantize_model(tiny_model, "W4G32", progress=False)
+        out = tiny_model(ids).logits
+    assert torch.isfinite(out).all()

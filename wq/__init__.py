@@ -8,6 +8,13 @@
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+from .threads import configure_openmp, hint_if_too_late  # noqa: E402
+
+hint_if_too_late(_logging.getLogger(__name__))  # torch already loaded without a policy on a busy machine
+configure_openmp()  # before torch loads: OpenMP threads sleep while they wait (a busy machine; see threads.py)
+
 from .api import QuantReport, quantize_model  # noqa: E402
 from .cast import cast_model  # noqa: E402
 from .config import QuantConfig  # noqa: E402

@@ -13,10 +13,15 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
 from .fp8 import fp8_result
-from .nn import DEFAULT_SKIP, QuantLinear, plan_layers, set_module
+from .nn import DEFAULT_SKIP, QuantLinear, materialize, plan_layers, set_module
+from .nn.coverage import coverage
 from .scheme import QuantScheme
 
 log = logging.getLogger(__name__)
+
+
+class CoverageError(ValueError):
+    """strict=True and the plan leaves more than 1% of the decoder blocks' weights unquantized."""
 
 
 @dataclass
@@ -38,6 +43,7 @@ class QuantReport:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     e2e: dict = field(default_factory=dict)  # end-to-end scale tuning stats, when run
+    coverage: dict = field(default_factory=dict)  # wq.nn.coverage.Coverage.to_dict(): share quantized by kind
 
     @property
     def mean_error(self) -> float:
@@ -53,6 +59,7 @@ class QuantReport:
             "mean_relative_error": self.mean_error,
             "layers": {n: vars(r) for n, r in self.layers.items()},
             "skipped": self.skipped,
+            "coverage": self.coverage,
             **({"e2e": self.e2e} if self.e2e else {}),
         }
 
@@ -75,18 +82,21 @@ def quantize_model(
     budget_samples: int = 16,
     e2e_steps: int = 0,
     e2e_lr: float | None = None,
+    strict: bool = False,
     **algo_args,
 ) -> QuantReport:
     """Quantize every eligible nn.Linear of `model` in place (QuantLinear swapped in).
 
     scheme: "W4G128" etc.; algo: a registered algorithm name; calib/tokenizer: calibration text for
     calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery); rotate: first rotate the
-    residual stream (wq.transforms.rotate, seeded by algo_args' seed). Returns a QuantReport and
-    records the plan on `model.wq_quant` for wq.save. bits_budget: choose each layer's scheme among
-    bits_candidates (wq.budget) so the layers average at most that many bits per weight as written by
-    budget_format (default compressed-tensors); `scheme` then only names the default for the report.
-    e2e_steps: afterwards, tune every group scale end to end on the calibration samples
-    (wq.algorithms.e2e; holds the unquantized model's final hidden states meanwhile).
+    residual stream (wq.transforms.rotate, seeded by algo_args' seed). strict: raise CoverageError,
+    before any work, when under 99% of the decoder blocks' weights would be quantized (otherwise that
+    is a warning). Returns a QuantReport and records the plan on `model.wq_quant` for wq.save.
+    bits_budget: choose each layer's scheme among bits_candidates (wq.budget) so the layers average at
+    most that many bits per weight as written by budget_format (default compressed-tensors); `scheme`
+    then only names the default for the report. e2e_steps: afterwards, tune every group scale end to
+    end on the calibration samples (wq.algorithms.e2e; holds the unquantized model's final hidden
+    states meanwhile).
     """
     scheme = QuantScheme.parse(scheme)
     rotation = None
@@ -108,10 +118,20 @@ def quantize_model(
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:
         raise ValueError("no Linear layer left to quantize: check --skip / --override patterns")
+    planned = coverage(model, plan, skipped)  # before any work: what the plan will leave unquantized
+    if strict and planned.warning():
+        raise CoverageError(f"{planned.warning()}. Adjust --skip / --override, or drop --strict to write it anyway")
     if algorithm.needs_calibration and any(s.is_fp8 for s in plan.values()):
         raise ValueError(f"FP8 layers are scaled casts and take no calibration; use --algo rtn with {scheme}")
+    unfused = materialize(model, plan)  # fused experts -> per-expert Linears, Conv1D -> Linear
+    if unfused:
+        log.info("unfused %d MoE experts modules into per-expert Linears (e.g. %s)", len(unfused), unfused[0])
+    by_reason: dict[str, list[str]] = {}
     for name, reason in skipped.items():
-        log.info("skipping %s: %s", name, reason)
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():  # one line per reason: an MoE has thousands of expert Linears
+        log.info("skipping %s: %s", names[0] if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]})",
+                 reason)
     report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
     t0 = time.perf_counter()
     e2e = None
@@ -135,8 +155,14 @@ def quantize_model(
         report.e2e = e2e_tune_scales(model, *e2e, steps=e2e_steps, lr=e2e_lr or 1e-3,
                                      seed=int(algo_args.get("seed") or 0))
     report.seconds = time.perf_counter() - t0
+    cov = coverage(model, skipped=skipped)
+    report.coverage = cov.to_dict()
+    warning = cov.warning()
+    if warning:
+        log.warning("%s", warning)
     model.wq_quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
-                      "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict()}
+                      "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict(),
+                      "coverage": report.coverage}
     if rotation is not None:
         model.wq_quant["rotation"] = rotation
     if budget is not None:
@@ -145,25 +171,27 @@ def quantize_model(
 
 
 def _quantize_data_free(model, plan, algorithm, report: QuantReport, *, device, progress: bool) -> None:
-    dev = torch.device(device) if device else None
     bar = tqdm(plan.items(), desc=f"{algorithm.name} {report.scheme}", unit="layer", disable=not progress)
     for name, scheme in bar:
-        linear = model.get_submodule(name)
-        t = time.perf_counter()
-        w = linear.weight.detach()
-        home = w.device
-        if scheme.is_fp8:
-            result = fp8_result(w.to(dev) if dev else w, scheme, name=name)
-        else:
-            result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
-        qlinear = QuantLinear.from_packed(result.packed.to(home), linear.bias)
-        set_module(model, name, qlinear)
-        report.layers[name] = LayerReport(
-            scheme=str(scheme), error=result.error, seconds=time.perf_counter() - t,
-            bytes_before=w.numel() * w.element_size() + _bias_bytes(linear),
-            bytes_after=result.packed.nbytes() + _bias_bytes(linear), stats=result.stats,
-        )
-        bar.set_postfix(layer=name.split(".")[-1], err=f"{result.error:.4f}")
+        report.layers[name] = quantize_linear_in_place(model, name, scheme, algorithm, device)
+        bar.set_postfix(layer=name.split(".")[-1], err=f"{report.layers[name].error:.4f}")
+
+
+def quantize_linear_in_place(model: nn.Module, name: str, scheme: QuantScheme, algorithm, device=None) -> LayerReport:
+    """Quantize one nn.Linear with a data-free algorithm (or an FP8 cast) and swap in its QuantLinear."""
+    dev = torch.device(device) if device else None
+    linear = model.get_submodule(name)
+    t = time.perf_counter()
+    w = linear.weight.detach()
+    home = w.device
+    if scheme.is_fp8:
+        result = fp8_result(w.to(dev) if dev else w, scheme, name=name)
+    else:
+        result = algorithm.quantize_weight(w.to(dev) if dev else w, scheme)
+    set_module(model, name, QuantLinear.from_packed(result.packed.to(home), linear.bias))
+    return LayerReport(scheme=str(scheme), error=result.error, seconds=time.perf_counter() - t,
+                       bytes_before=w.numel() * w.element_size() + _bias_bytes(linear),
+                       bytes_after=result.packed.nbytes() + _bias_bytes(linear), stats=result.stats)
 
 
 def _bias_bytes(linear: nn.Module) -> int:

@@ -92,10 +92,11 @@ def save_cast(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, confi
               extra: dict | None = None) -> list[Path]:
     """Write a cast model as a plain checkpoint (no quantization_config) + wq.json (+ fp16_audit.json)."""
     from .io import WQ_JSON, atomic_dir, wq_meta
+    from .writing.output import occupied
 
     quant = model.wq_quant
     out = Path(out)
-    if out.exists() and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -32,18 +32,25 @@ class QuantConfig:
     scheme: str = _f("W4G128", "quantization scheme: W<bits>G<group>[-sym|-asym] (bits 2/3/4/8, group "
                      "-1/32/64/128/256; symmetric by default at 4/8 bits, asymmetric at 2/3), or BF16/FP16/FP8")
     algo: str = _f("rtn", "algorithm: rtn (no data); gptq, autoround, awq or recon (calibrated)")
-    output: str | None = _f(None, "output directory (written atomically: temp dir, then rename)",
+    output: str | None = _f(None, "output directory, required (written atomically: temp dir, then rename)",
                             flag="--output", short="-o")
     format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
                            "one that gives fast vLLM kernels for the scheme", repeat=True)
-    overwrite: bool = _f(False, "replace OUT if it exists")
+    overwrite: bool = _f(False, "replace OUT if it is a checkpoint wq wrote; the old one is deleted only after the "
+                         "new one is complete")
+    overwrite_non_checkpoint: bool = _f(False, "with --overwrite, also replace an OUT that wq did not write "
+                                        "(everything in it is deleted)")
     device: str | None = _f(None, "compute device for quantization (cpu, cuda, cuda:1); default: cuda if "
                             "available else cpu")
-    skip: list[str] = _f(["lm_head"], "regex of Linear names to leave unquantized, repeatable (default: lm_head)",
-                         repeat=True, metavar="PATTERN")
+    skip: list[str] = _f(["lm_head", r"(^|\.)(gate|router)$", r"shared_experts?_gate$"],
+                         "regex of Linear names to leave unquantized, repeatable (default: lm_head and MoE "
+                         "routers / shared-expert gates); expert projections are named like "
+                         "'mlp.experts.17.gate_proj'", repeat=True, metavar="PATTERN")
     override: list[str] = _f([], "per-layer scheme, repeatable: PATTERN=SCHEME, e.g. 'down_proj=W8G128' "
                              "(mixed precision; =BF16 keeps the layer unquantized)", repeat=True,
                              metavar="PATTERN=SCHEME")
+    strict: bool = _f(False, "fail (before any work) when less than 99%% of the decoder blocks' weights would be "
+                      "quantized, instead of warning")
     mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
     rotate: bool = _f(False, "rotate the residual stream (randomized Hadamard) and attention heads first, folded "
                       "into the weights: the checkpoint stays a plain model (a tied lm_head gets untied, logged)")
@@ -63,12 +70,20 @@ class QuantConfig:
     seed: int = _f(0, "random seed for sample selection and algorithms")
     batch_size: int = _f(8, "calibration batch size")
     low_mem: bool = _f(False, "keep calibration activations on CPU between blocks")
+    model_free: bool = _f(True, "rtn, FP8 and BF16 go tensor by tensor through the shards without building the model "
+                          "(FP16 too when the model does not fit in memory; its activation audit needs the model)")
+    stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "
+                      "on disk, so memory does not grow with the model; --no-stream loads it whole first")
+    hessian_budget: float = _f(4.0, "gptq: GiB of Hessians held at once; a block needing more is calibrated in "
+                               "several passes (same result)")
     resume: bool = _f(False, "continue an interrupted calibrated run from its last finished block")
     # algorithm settings
     damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
     act_order: bool = _f(False, "gptq: quantize columns in order of decreasing Hessian diagonal "
                          "(static groups keep g_idx valid)")
     block_size: int = _f(128, "gptq: columns per lazy-update block")
+    expert_min_tokens: int = _f(128, "gptq: an MoE expert the router sends fewer calibration tokens than this is "
+                                "quantized with the Hessian of all tokens (logged and in the report)")
     iters: int = _f(200, "autoround: signed-gradient iterations per block; recon: Adam steps per block")
     lr: float | None = _f(None, "autoround: learning rate (default 1/iters); recon: of the rounding offsets "
                           "(default 0.02)")
@@ -119,7 +134,8 @@ class QuantConfig:
     def algo_args(self) -> dict[str, Any]:
         """Settings handed to the algorithm (each algorithm takes what it knows)."""
         return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed",
-                                              "scale_lr", "recon_batch", "init", "init_iters", "quantizer")}
+                                              "expert_min_tokens", "scale_lr", "recon_batch", "init",
+                                              "init_iters", "quantizer")}
 
     def model_args(self) -> dict[str, Any]:
         """Whole-model settings of wq.quantize_model (transforms and the plan), beside the algorithm's."""
@@ -151,7 +167,8 @@ class QuantConfig:
             else:
                 kw["type"] = _field_type(f.type)
                 kw["metavar"] = meta.get("metavar") or f.name.upper()
-                help_text += f" (default: {default})"
+                if default is not None and "default" not in help_text:  # each default said once
+                    help_text += f" (default: {default})"
             parser.add_argument(*names, help=help_text, **kw)
 
     @classmethod
@@ -166,6 +183,16 @@ class QuantConfig:
                 value = list(dict.fromkeys(list(getattr(cfg, f.name)) + list(value)))
             setattr(cfg, f.name, value)
         return cfg
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default once: appended unless the help already says it or there
+    is none to say (None, on/off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in text
+        return text if quiet or not action.option_strings else f"{text} (default: %(default)s)"
 
 
 def _field_type(annotation: str):

@@ -76,6 +76,10 @@ class Fp8Weight:
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
+    def summary(self) -> Fp8Weight:
+        """Scheme and shapes for Format.prepare (see PackedWeight.summary): the weight as a meta tensor."""
+        return replace(self, weight=torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """[out, in] weights in `dtype` (computed in fp32)."""
         return (self.weight.float() * self.scale.float().repeat_interleave(self.group, dim=1)).to(dtype)

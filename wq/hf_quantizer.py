@@ -14,6 +14,7 @@ Saving back through transformers is not supported: use wq.save.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -28,7 +29,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats import FORMATS
-from .nn import QuantLinear, set_module
+from .nn import QuantExperts, QuantLinear, linear_shape, set_module
+from .nn.experts import find_fused_experts, fused_layout
+from .nn.hub_names import HubNames
+from .nn.surgery import linear_candidates
 from .packing import packed_size
 from .scheme import QuantScheme
 
@@ -49,6 +53,9 @@ class _PackedSlot(nn.Module):
         self.register_buffer("scales", torch.empty(ng, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        # not state: a shape-only stand-in for model code that reads `.weight` before loading (GPT-2's
+        # _init_weights scales c_proj.weight)
+        self.__dict__["weight"] = torch.empty(out_features, in_features, device="meta")
 
 
 class WQConfig(QuantizationConfigMixin):
@@ -74,25 +81,57 @@ class WQHfQuantizer(HfQuantizer):
         return
 
     def _schemes(self, model) -> dict[str, QuantScheme]:
+        """{module name: scheme} of the quantized layers (config names are the Hub checkpoint's)."""
         cfg = self.quantization_config.to_dict()
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        schemes = FORMATS.get("wq")().layer_schemes(cfg, names)
+        names = HubNames(model)
         if cfg.get("modules"):
-            return {n: s for n, s in schemes.items() if n in cfg["modules"]}
-        return {n: s for n, s in schemes.items() if not n.endswith("lm_head")}
+            return {names.module_of(n): QuantScheme.parse(s) for n, s in cfg["modules"].items()}
+        candidates = [n for n in linear_candidates(model) if not n.endswith("lm_head")]
+        return FORMATS.get("wq")().layer_schemes(cfg, candidates)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             raise ValueError("quant_method 'wq' loads pre-quantized checkpoints only; quantize a model with "
                              "wq.quantize_model (or python -m wq.quantize) and save it with wq.save")
         schemes = self._schemes(model)
+        for path, mod in find_fused_experts(model).items():  # per-expert tensors: per-expert modules
+            if fused_layout(mod) is not None and any(n.startswith(path + ".") for n in schemes):
+                set_module(model, path, QuantExperts.empty(mod, device="meta"))
         for name, scheme in schemes.items():
-            linear = model.get_submodule(name)
+            shape = linear_shape(model.get_submodule(name))
+            if shape is None:
+                raise ValueError(f"wq checkpoint: {name} is quantized but is not a Linear in this model")
             with torch.device("meta"):
-                slot = _PackedSlot(linear.in_features, linear.out_features, scheme, linear.bias is not None)
+                slot = _PackedSlot(shape[0], shape[1], scheme, getattr(model.get_submodule(name), "bias", None)
+                                   is not None)
             set_module(model, name, slot)
         log.info("wq: %d Linear layers load as QuantLinear", len(schemes))
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Per-expert checkpoint names load into QuantExperts' per-expert modules: the merges of
+        per-expert tensors into fused 3-D parameters give way to renamings onto those modules."""
+        from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming
+
+        if not any(isinstance(m, QuantExperts) for m in model.modules()):
+            return weight_conversions
+        out = []
+        for conv in weight_conversions:
+            if not (isinstance(conv, WeightConverter) and any(isinstance(op, MergeModulelist) for op in conv.operations)):
+                out.append(conv)
+                continue
+            target = conv._original_target_patterns[0]  # e.g. ".experts.gate_up_proj"
+            head, _, fused = target.rpartition(".")
+            projs = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",),
+                     "down_proj": ("down_proj",)}.get(fused)
+            sources = conv._original_source_patterns
+            if projs is None or len(projs) != len(sources) or not all(s.endswith(".weight") and "*" in s for s in sources):
+                out.append(conv)
+                continue
+            for source, proj in zip(sources, projs):
+                hub = re.escape(source[: -len(".weight")]).replace(r"\*", r"(\d+)") + r"\."
+                out.append(WeightRenaming(hub, f"{head}.\\1.{proj}."))
+        return out
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         fmt = FORMATS.get("wq")()

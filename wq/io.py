@@ -14,31 +14,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
+import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .formats import FORMATS
 from .formats.fp8 import default_fp8_format, float_format_name
 from .fp8 import FP8_DTYPES
-from .nn import QuantLinear, set_module
+from .loading.headers import check_shards, shard_files
+from .nn import QuantExperts, QuantLinear, linear_shape, set_module
 from .nn import compact as compact_layers
+from .nn.experts import find_fused_experts, fused_layout
+from .nn.hub_names import HubNames
 from .packing import PackedWeight
 from .scheme import QuantScheme
+from .writing.checkpoint import WQ_JSON, FormatWriter, versions, wq_meta  # noqa: F401  (re-exported)
+from .writing.output import check_not_working_dir, occupied, swap_in
+from .writing.shards import MAX_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
 
-WQ_JSON = "wq.json"
-MAX_SHARD_BYTES = 4 * 1024**3
 
 
 def default_format(scheme: QuantScheme | str) -> str:
@@ -55,19 +58,12 @@ def default_format(scheme: QuantScheme | str) -> str:
     return "compressed-tensors" if "compressed-tensors" in FORMATS else "wq"
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"wq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to write into; on success it replaces `out` by one rename,
-    on any failure (full disk, Ctrl-C) it is removed: never a half-written directory that looks done."""
+    """Yield a temporary sibling of `out` to write into; on success it is swapped in (an old `out` is renamed aside
+    and deleted only after: wq.writing.output.swap_in), on any failure (full disk, Ctrl-C) it is removed: never a
+    half-written directory that looks done, never the old and the new one both lost."""
+    check_not_working_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -75,20 +71,10 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is not
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def wq_meta(quant: dict, config: Any, **fields) -> dict:
-    """The common part of wq.json: scheme, algorithm, recipe, versions, report, creation time."""
-    return {"scheme": quant["scheme"], "algo": quant["algo"],
-            "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
-            "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{k: quant[k] for k in ("rotation", "bits_budget") if quant.get(k) is not None}, **fields}
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -119,7 +105,7 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
             if reason:
                 raise ValueError(f"format {name!r} cannot store layer {layer} ({s}): {reason}")
     out = Path(out)
-    if out.exists() and not overwrite:
+    if occupied(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
     written = []
     with atomic_dir(out) as tmp:
@@ -137,34 +123,13 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
 def _write_one(model, target: Path, fmt, quant, tokenizer, config, extra) -> None:
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {n: m.packed for n, m in qmods.items()}
-    options = fmt.prepare(packed)
-    quant = {**quant, "unquantized": [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]}
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in qmods:
-            continue
-        state[key] = tensor
-    for name, pw in packed.items():
-        for suffix, t in fmt.layer_tensors(pw, options).items():
-            state[f"{name}.{suffix}"] = t
-        if qmods[name].bias is not None:
-            state[f"{name}.bias"] = qmods[name].bias
-    state = _drop_tied(model, state)
-    _write_shards(state, target)
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = fmt.quantization_config(quant, options)
-    (target / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    if getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config.save_pretrained(target)
-        except Exception as e:  # a bad generation config must not lose the checkpoint
-            log.warning("generation_config not saved: %s", e)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
-    meta = {"format": fmt.name, **wq_meta(quant, config, layers=quant["layers"],
-                                          consumers=options.get("consumers")), **(extra or {})}
-    (target / WQ_JSON).write_text(json.dumps(meta, indent=2, default=str))
+    writer = FormatWriter(target, fmt, HubNames(model), packed)
+    state = {k: t for k, t in model.state_dict().items() if k.rpartition(".")[0] not in qmods}
+    writer.add(_drop_tied(model, state), packed, {n: m.bias for n, m in qmods.items() if m.bias is not None})
+    writer.finish(model.config.to_dict(), quant,
+                  unquantized=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+                  tokenizer=tokenizer, generation_config=getattr(model, "generation_config", None), recipe=config,
+                  extra=extra)
 
 
 def _drop_tied(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,54 +147,40 @@ def _drop_tied(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _write_shards(state: dict[str, torch.Tensor], target: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t.detach().contiguous().cpu()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(target / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(target / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    writer = ShardWriter(target, max_bytes)
+    writer.add_many(state)
+    writer.close()
 
 
 # ------------------------------------------------------------------------------------------ load
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+    files = shard_files(path)
+    if not files:
         raise FileNotFoundError(f"{path}: no model.safetensors (or index) found; is this a wq checkpoint?")
+    check_shards(path, files)  # headers only: a truncated file or missing shard is named before any read
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(load_file(str(f)))
     return state
 
 
 def _empty_model(config, dtype):
+    """The model's skeleton: parameters on the meta device (no memory), buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
+    with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _unfuse_for(model: nn.Module, module_keys) -> None:
+    """Give fused experts modules whose checkpoint tensors are per expert their QuantExperts form."""
+    per_expert = {k.rsplit(".", 3)[0] for k in module_keys if re.search(r"\.\d+\.[^.]+\.[^.]+$", k)}
+    for path, mod in find_fused_experts(model).items():
+        if path in per_expert and fused_layout(mod) is not None:
+            set_module(model, path, QuantExperts.empty(mod, device="meta"))
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -269,31 +220,44 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = _empty_model(config, dtype)
-    state = read_state(path)
-    qnames = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".qweight", ".weight_packed"))
-                     or (k.endswith(".weight") and state[k].dtype in FP8_DTYPES.values())})
-    schemes = ({n: QuantScheme.parse(meta["layers"][n]) for n in qnames} if meta.get("layers")
-               else fmt.layer_schemes(qconfig, qnames))
-    for name in qnames:
-        linear = model.get_submodule(name)
+    names = HubNames(model)
+    hub_state = read_state(path)
+    hub_qnames = sorted({k.rsplit(".", 1)[0] for k, t in hub_state.items() if k.endswith((".qweight", ".weight_packed"))
+                         or (k.endswith(".weight") and t.dtype in FP8_DTYPES.values())})
+    hub_schemes = ({n: QuantScheme.parse(meta["layers"][n]) for n in hub_qnames} if meta.get("layers")
+                   else fmt.layer_schemes(qconfig, hub_qnames))
+    state = {names.from_hub(k): t for k, t in hub_state.items()}
+    del hub_state
+    schemes = {names.module_of(n): s for n, s in hub_schemes.items()}
+    _unfuse_for(model, state)
+    for name in sorted(schemes):
+        shape = linear_shape(model.get_submodule(name))
+        if shape is None:
+            raise ValueError(f"{path}: {name} holds quantized tensors but is a "
+                             f"{type(model.get_submodule(name)).__name__} in this model, not a Linear")
         suffixes = {k[len(name) + 1:]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
-        pw = fmt.read_layer(suffixes, schemes[name], linear.in_features, linear.out_features, qconfig)
+        pw = fmt.read_layer(suffixes, schemes[name], shape[0], shape[1], qconfig)
         bias = suffixes.get("bias")
         set_module(model, name, QuantLinear.from_packed(pw, None if bias is None else bias.to(dtype)))
         for k in list(suffixes):
             state.pop(f"{name}.{k}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    want = {k: v.dtype for k, v in model.state_dict().items()}  # the skeleton's dtypes (fp32 routers stay fp32)
+    state = {k: (t.to(want[k]) if k in want and t.is_floating_point() and t.dtype != want[k] else t)
+             for k, t in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     qbuffers = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in qbuffers]
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing or unexpected or still_meta:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {(missing or still_meta)[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     model.wq_quant = {"scheme": meta.get("scheme") or str(next(iter(schemes.values()))),
                       "algo": meta.get("algo", "unknown"), "algo_args": (meta.get("recipe") or {}),
-                      "layers": {n: str(s) for n, s in schemes.items()}, "report": meta.get("report")}
+                      "layers": {n: str(s) for n, s in schemes.items()}, "report": meta.get("report"),
+                      "coverage": meta.get("coverage")}
     model.eval().to(device or "cpu")
     if compact:
         done, kept = compact_layers(model)

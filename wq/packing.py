@@ -144,6 +144,14 @@ class PackedWeight:
         gi = 0 if self.g_idx is None else self.g_idx.numel() * 4
         return self.qweight.numel() * 4 + self.scales.numel() * 2 + zeros + gi
 
+    def summary(self) -> PackedWeight:
+        """What Format.prepare needs of a layer when the whole model is not in memory (streamed runs):
+        scheme, shapes and g_idx as they are, the distinct zero points (1-D, so `(zeros == 0).any()`
+        still answers), codes and scales as shape-only meta tensors."""
+        return replace(self, qweight=torch.empty(self.qweight.shape, dtype=self.qweight.dtype, device="meta"),
+                       scales=torch.empty(self.scales.shape, dtype=self.scales.dtype, device="meta"),
+                       zeros=torch.unique(self.zeros.cpu()))
+
     def to(self, device) -> PackedWeight:
         return replace(
             self,

@@ -6,6 +6,7 @@ Thin: flags -> QuantConfig -> load model -> wq.quantize_model -> wq.save -> summ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantConfig
+from .config import HelpFormatter, QuantConfig
+from .errors import UserError
 from .scheme import QuantScheme
 
 log = logging.getLogger("wq")
@@ -27,13 +29,11 @@ examples:
   python -m wq.quantize ./my-model --scheme W2G128 --algo autoround --calib corpus.txt -o out/w2
   python -m wq.quantize --recipe configs/w4g128-gptq.yaml -o out/x --override 'down_proj=W8G128'
 
-Settings come from the dataclass defaults, then --recipe, then flags. The output directory is
-written atomically (temp dir, then rename): an interrupted run never leaves a complete-looking one.
+Settings come from the dataclass defaults, then --recipe, then flags. The output is checked before the
+model loads (writable, room for the estimated size, not the working directory, not a directory wq did not
+write) and written atomically (temp dir, then rename): an interrupted run never leaves a complete-looking
+one, and --overwrite deletes the old checkpoint only after the new one is complete.
 """
-
-
-class UserError(Exception):
-    """A problem with the user's input; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Hugging Face causal LM's Linear weights (weight-only) and save a checkpoint "
         "that transformers, vLLM and wq load.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face hub id or local directory; omit or 'default' for the bundled "
@@ -117,24 +117,81 @@ def validate(cfg: QuantConfig) -> None:
                         cfg.format[0])
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
-    if Path(cfg.output).exists() and not cfg.overwrite:
-        raise UserError(f"output {cfg.output} exists; pass --overwrite to replace it, or choose another -o")
-    if cfg.resume and not cfg.output:
-        raise UserError("--resume needs the -o of the interrupted run")
+    from .loading.source import resolve_source
+    from .writing.output import check_output
+
+    if cfg.calib and ALGORITHMS.get(cfg.algo).needs_calibration:  # a mistyped file: now, not after the model loads
+        from .loading.source import looks_like_path
+
+        calib = Path(cfg.calib).expanduser()
+        if not calib.exists() and (looks_like_path(cfg.calib) or calib.suffix in (".txt", ".jsonl", ".json")):
+            raise UserError(f"--calib {cfg.calib}: no such file or directory (give a text file, a folder of them, or "
+                            "a Hub dataset name)")
+    where = dict(overwrite=cfg.overwrite, overwrite_non_checkpoint=cfg.overwrite_non_checkpoint)
+    check_output(cfg.output, **where)  # the cheap checks first
+    source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line, now
+    check_output(cfg.output, **where, needed_bytes=needed_bytes(cfg, source.path),
+                 protect=(source.path,) if source.local else ())
 
 
-def load_model(name: str | None, device: str | None):
-    """Load a causal LM and its tokenizer from a hub id, a local dir, or the bundled default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
+    """Disk the run needs at its peak (wq.plan.sizes.peak_disk_bytes); None (no space check) when the model's
+    config cannot be built on the meta device."""
+    from .algorithms import ALGORITHMS
+    from .plan.sizes import peak_disk_bytes
 
-    from .assets import resolve_model
-
-    path = resolve_model(name)
-    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and os.path.exists(os.path.dirname(path))
-    if looks_local and not Path(path).expanduser().exists():
-        raise UserError(f"model {path} not found: give an existing directory or a Hugging Face hub id")
+    algo = ALGORITHMS.get(cfg.algo)
+    calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
+    # streamed and model-free runs stage their finished parts in <out>.partial until the checkpoint is assembled
+    staged = (cfg.stream or cfg.model_free) and not QuantScheme.parse(cfg.scheme).is_cast and not in_memory_reason(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
+                               formats=max(1, len(cfg.format)), calibration=calib, staged=staged)
+    except UserError:
+        raise
+    except Exception as e:  # e.g. an architecture transformers cannot build from its config alone
+        log.warning("could not estimate the checkpoint size (%s: %s); free space is not checked", type(e).__name__, e)
+        return None
+
+
+def in_memory_reason(cfg: QuantConfig) -> str | None:
+    """Why this run needs the whole model in memory (the streamed and model-free paths see one block, or one
+    tensor, at a time), or None. AWQ and recon change only their own block, so they stream."""
+    why = {"--rotate": "rotation touches the embeddings, every block and the head",
+           "--bits-budget": "the sensitivity measurement backpropagates through the whole model",
+           "--e2e-steps": "end-to-end scale tuning runs the whole model"}
+    on = [f for f, set_ in (("--rotate", cfg.rotate), ("--bits-budget", cfg.bits_budget is not None),
+                            ("--e2e-steps", bool(cfg.e2e_steps))) if set_]
+    return "; ".join(f"{f}: {why[f]}" for f in on) or None
+
+
+def tokenizer_reason(cfg: QuantConfig) -> str | None:
+    """Why this run needs the model's tokenizer (rtn and FP8 need none), or None."""
+    from .algorithms import ALGORITHMS
+
+    if ALGORITHMS.get(cfg.algo).needs_calibration:
+        return f"--algo {cfg.algo} calibrates on text"
+    if cfg.bits_budget is not None or cfg.e2e_steps:
+        return f"{'--bits-budget' if cfg.bits_budget is not None else '--e2e-steps'} runs calibration text through the model"
+    if QuantScheme.parse(cfg.scheme).fmt == "fp16":
+        return "the FP16 audit runs text through the model"
+    if cfg.eval:
+        return "--eval runs text through the model"
+    return None
+
+
+def load_model(name: str | None, device: str | None, *, tokenizer_needed: str | None = "text"):
+    """Load a causal LM and its tokenizer from a hub id, a local dir, or the bundled default. tokenizer_needed: why
+    the run needs a tokenizer, or None when it can go without (then a model without one loads with tok None)."""
+    from transformers import AutoModelForCausalLM
+
+    from .loading.source import load_tokenizer, resolve_source
+
+    source = resolve_source(name)  # checks the path, the shards' headers, the Hub's reachability
+    path = source.path
+    tok = load_tokenizer(source, required=tokenizer_needed is not None,
+                         why=f" ({tokenizer_needed})" if tokenizer_needed else "")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     except OSError as e:
         raise UserError(f"cannot load model {path!r}: {e}. For a hub id you need network access (or a "
@@ -164,16 +221,37 @@ def model_bytes(model) -> int:
     return total
 
 
+def objective_rows(report) -> list[tuple[str, str]]:
+    """The error a calibrated algorithm minimises, next to round-to-nearest's: gptq lowers the layer's output error
+    and may raise the weight error above rtn's, which alone would read like a regression."""
+    stats = [r.stats for r in report.layers.values()]
+    out = [s["output_error"] for s in stats if "output_error" in s and "rtn_output_error" in s]
+    if out:
+        rtn = [s["rtn_output_error"] for s in stats if "output_error" in s and "rtn_output_error" in s]
+        mean, mean_rtn = sum(out) / len(out), sum(rtn) / len(rtn)
+        return [("mean relative output error", f"{mean:.4f} (rtn on the same inputs: {mean_rtn:.4f}; what "
+                 f"{report.algo} minimises, on the calibration data)")]
+    ratios = [s["loss"] / s["rtn_loss"] for s in stats if s.get("rtn_loss") and "loss" in s]
+    if ratios:
+        return [("block output loss", f"{sum(ratios) / len(ratios):.3f}x rtn's on the same blocks (what "
+                 f"{report.algo} minimises)")]
+    return []
+
+
 def summary_table(report, before: int, after: int, total_seconds: float, out_dirs) -> str:
+    cov = report.coverage or {}
     rows = [
         ("scheme / algorithm", f"{report.scheme} / {report.algo}"),
         ("layers quantized", str(len(report.layers))),
+        ("weights quantized", f"{cov.get('blocks_share', 1.0):.1%} of the decoder blocks', "
+                              f"{cov.get('model_share', 1.0):.1%} of the model's (embeddings/head included)"),
         ("layers skipped", f"{len(report.skipped)}" + (f" ({', '.join(list(report.skipped)[:3])}"
                                                        f"{', ...' if len(report.skipped) > 3 else ''})"
                                                        if report.skipped else "")),
         ("model size before", human_bytes(before)),
         ("model size after", f"{human_bytes(after)} ({before / max(after, 1):.2f}x smaller)"),
         ("mean relative weight error", f"{report.mean_error:.4f}"),
+        *objective_rows(report),
         ("worst layer", max(((n, r.error) for n, r in report.layers.items()), key=lambda x: x[1],
                             default=("-", 0.0))[0]),
         ("quantization time", f"{report.seconds:.1f} s"),
@@ -182,7 +260,17 @@ def summary_table(report, before: int, after: int, total_seconds: float, out_dir
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    table = "\n".join([line] + [f"{k.ljust(width)} : {v}" for k, v in rows] + [line])
+    if cov:
+        from .nn.coverage import KINDS
+
+        by_kind = [f"  {k}: {cov[k]['quantized']:,} quantized, {cov[k]['kept']:,} kept" for k in KINDS
+                   if cov.get(k) and cov[k]["quantized"] + cov[k]["kept"]]
+        table += "\nweights by kind (matrix elements):\n" + "\n".join(by_kind)
+        if cov.get("blocks_share", 1.0) < 0.99:
+            table += (f"\nWARNING: {1 - cov['blocks_share']:.1%} of the decoder blocks' weights are NOT quantized "
+                      f"(see wq.json coverage.kept_in_blocks; --strict makes this an error)")
+    return table
 
 
 def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
@@ -191,8 +279,27 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     validate(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, path = load_model(cfg.model, None)
+    from .calib.distributed import init_from_env, is_main
+
+    device = init_from_env(cfg.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # torchrun: join
+    whole = in_memory_reason(cfg)
+    if whole and (cfg.stream or cfg.model_free):
+        log.info("loading the model whole (as --no-stream): %s", whole)
+    if cfg.model_free and is_main() and not whole:
+        done = run_model_free(cfg, progress=progress, t0=t0)
+        if done is not None:
+            return done
+    if cfg.stream and not whole and not QuantScheme.parse(cfg.scheme).is_cast:
+        from .loading.shards import ShardError
+        from .loading.skeleton import StreamError
+
+        try:
+            return run_streamed(cfg, device, progress=progress, t0=t0)
+        except (StreamError, ShardError) as e:
+            if cfg.resume:
+                raise UserError(f"cannot stream this model ({e}); a streamed --resume needs the same source") from None
+            log.warning("cannot stream this model block by block (%s); loading it whole instead", e)
+    model, tok, path = load_model(cfg.model, None, tokenizer_needed=tokenizer_reason(cfg))
     log.info("loaded %s (%s parameters)", path, f"{sum(p.numel() for p in model.parameters()):,}")
     before = model_bytes(model)
     if QuantScheme.parse(cfg.scheme).is_cast:
@@ -200,22 +307,116 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     calib = cfg.calib
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
-        device=device if device != "cpu" else None, progress=progress, **_calib_args(cfg), **cfg.algo_args(),
-        **cfg.model_args(),
+        device=device if device != "cpu" else None, progress=progress, strict=cfg.strict, **_calib_args(cfg),
+        **cfg.algo_args(), **cfg.model_args(),
     )
     after = model_bytes(model)
-    dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
-                   overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
-                                                   "size_bytes": {"before": before, "after": after}})
+    dirs = []
+    if is_main():  # under torchrun every rank calibrated its share; one writes
+        dirs = wq.save(model, cfg.output, format=cfg.format or None, tokenizer=tok, config=cfg,
+                       overwrite=cfg.overwrite, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)",
+                                                       "size_bytes": {"before": before, "after": after}})
     from .calib import clear_checkpoint
 
-    clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
+    if is_main():
+        clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
     if model.wq_quant.get("bits_budget"):
         from .budget import budget_table
 
         summary += "\n" + budget_table(model.wq_quant["bits_budget"])
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
+
+
+def run_model_free(cfg: QuantConfig, *, progress: bool, t0: float) -> dict | None:
+    """rtn / FP8 / casts tensor by tensor (wq.model_free) when the run allows it; None: take another path."""
+    from .algorithms import ALGORITHMS
+    from .assets import resolve_model
+    from .loading.shards import ShardError, ShardReader
+    from .model_free import ModelFreeError, cast_model_free, check, quantize_model_free
+    from .plan.memory import available_bytes
+
+    scheme = QuantScheme.parse(cfg.scheme)
+    if ALGORITHMS.get(cfg.algo).needs_calibration or cfg.resume:
+        return None
+    path = resolve_model(cfg.model)
+    if not Path(path).expanduser().is_dir():
+        return None  # a Hub id: the streamed path downloads it
+    try:
+        reader = ShardReader(Path(path).expanduser())
+        if scheme.is_cast:
+            avail = available_bytes()
+            if scheme.fmt == "fp16" and (avail is None or reader.total_bytes() * 3 < avail):
+                return None  # fits: the in-memory path audits the activations too
+            if scheme.fmt == "fp16":
+                log.warning("the model does not fit in memory for the FP16 activation audit: casting tensor by tensor "
+                            "with the weight audit only")
+            res = cast_model_free(reader, scheme, cfg.output, force=cfg.force, overwrite=cfg.overwrite,
+                                  progress=progress, recipe=cfg)
+            summary = (f"{scheme}: plain checkpoint {res['dirs'][0]} (model-free, "
+                       f"{res['report']['convert_seconds']:.1f} s); total {time.perf_counter() - t0:.1f} s")
+            return {"report": res["report"], "dirs": res["dirs"], "summary": summary, "model": None, "tokenizer": None}
+        check(reader)
+    except (ShardError, ModelFreeError) as e:
+        log.info("not model-free (%s): loading the model block by block instead", e)
+        return None
+    log.info("model-free %s: tensor by tensor through %s", scheme, reader.path)
+    res = quantize_model_free(reader, scheme, cfg.output, skip=cfg.skip, override=cfg.override,
+                              formats=cfg.format or None, overwrite=cfg.overwrite, progress=progress, recipe=cfg,
+                              strict=cfg.strict, extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)"},
+                              mse=cfg.mse)
+    dirs = res["dirs"]
+    sizes = json.loads((Path(dirs[0]) / "wq.json").read_text()).get("size_bytes", {})
+    summary = summary_table(res["report"], sizes.get("before", 0), sizes.get("after", 0), time.perf_counter() - t0,
+                            dirs)
+    return {"report": res["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": None}
+
+
+def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) -> dict:
+    """The default path: the model read block by block from its shards (wq.stream), memory estimated first."""
+    from .algorithms import ALGORITHMS
+    from .loading.shards import ShardReader
+    from .loading.skeleton import Skeleton
+    from .loading.source import load_tokenizer, resolve_source
+    from .nn import plan_layers
+    from .plan.memory import estimate_streamed
+    from .stream import quantize_streamed
+
+    source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line
+    sk = Skeleton(ShardReader.open(source.path))
+    algo = ALGORITHMS.get(cfg.algo)
+    calibrated = algo.needs_calibration
+    plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
+    from .calib.distributed import rank_world
+
+    est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
+                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=rank_world()[1], low_mem=cfg.low_mem,
+                            device=device, hessian_budget=int(cfg.hessian_budget * 2**30))
+    log.info("%s", est.table())
+    if not est.fits:
+        if not cfg.force:
+            raise UserError(est.advice() + " (or --force to try anyway)")
+        log.warning("%s; going on (--force)", est.advice())
+    tok = None
+    if calibrated:  # data-free runs copy the tokenizer files, if any, and need none loaded
+        tok = load_tokenizer(source, required=True, why=f" ({tokenizer_reason(cfg)})")
+    before = sk.reader.total_bytes()
+    settings = {**_calib_args(cfg), **cfg.algo_args()}
+    settings.pop("output", None)
+    settings.pop("resume", None)
+    resume = cfg.resume
+    if calibrated:
+        settings["hessian_budget"] = int(cfg.hessian_budget * 2**30)
+    result = quantize_streamed(
+        sk, cfg.scheme, cfg.output, algo=cfg.algo, calib=cfg.calib, tokenizer=tok, skip=cfg.skip,
+        override=cfg.override, formats=cfg.format or None, device=device if device != "cpu" else None,
+        progress=progress, strict=cfg.strict, overwrite=cfg.overwrite, recipe=cfg, resume=resume,
+        extra={"base_model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "streamed": True}, **settings)
+    dirs = result["dirs"]
+    sizes = json.loads((Path(dirs[0]) / "wq.json").read_text()).get("size_bytes", {}) if dirs else {}
+    before, after = sizes.get("before", before), sizes.get("after", 0)
+    summary = summary_table(result["report"], before, after, time.perf_counter() - t0, dirs)
+    return {"report": result["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": tok}
 
 
 def run_cast(cfg: QuantConfig, model, tok, before: int, t0: float) -> dict:
@@ -289,8 +490,11 @@ def _calib_args(cfg: QuantConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .api import CoverageError
     from .scheme import SchemeError
+    from .writing.output import is_environment_error
 
+    cfg = None
     try:
         cfg, args = config_from_argv(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -302,14 +506,26 @@ def main(argv: list[str] | None = None) -> int:
                 check_tasks(cfg.eval_tasks)
             except UnknownTaskError as e:
                 raise UserError(f"--eval-tasks: {e}") from None
-        result = run(cfg, progress=args.progress)
-    except (UserError, SchemeError, FileExistsError, FileNotFoundError) as e:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with _transformers_progress(args.progress), logging_redirect_tqdm():  # log lines above the bars, not in them
+            result = run(cfg, progress=args.progress)
+    except (UserError, SchemeError, FileExistsError, FileNotFoundError, CoverageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output directory (a calibrated run continues from its "
-              "last finished block with the same flags plus --resume)", file=sys.stderr)
+        print(f"interrupted: {_note(cfg)}", file=sys.stderr)
         return 130
+    except Exception as e:  # the machine failed late (disk full, permissions, memory): one line, what was kept
+        if cfg is None or not is_environment_error(e):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {type(e).__name__}: {msg}; {_note(cfg)}", file=sys.stderr)
+        return 1
+    from .calib.distributed import is_main
+
+    if not is_main():  # the other ranks of a torchrun have nothing to report (rank 0 wrote the checkpoint)
+        return 0
     print(result["summary"])
     if cfg.eval:
         print(run_eval(cfg, result))
@@ -322,6 +538,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool):
+    """--no-progress hides transformers' own bars (loading weights) too, for this run only."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
+def _note(cfg: QuantConfig | None) -> str:
+    """What a failed or interrupted run kept and how to continue it."""
+    from .algorithms import ALGORITHMS
+    from .writing.output import failure_note
+
+    if cfg is None:
+        return "nothing was written"
+    calibrated = cfg.algo in ALGORITHMS and ALGORITHMS.get(cfg.algo).needs_calibration
+    return failure_note(cfg.output, resumable=calibrated or cfg.stream)
 
 
 if __name__ == "__main__":

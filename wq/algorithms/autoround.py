@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import primitives as P
+from ..calib.distributed import all_gather_floats, all_reduce_scalar, all_reduce_sum_, offsets, rank_world
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
@@ -254,11 +255,18 @@ def autoround_block(
             raise ValueError(f"autoround: {t.name} has float scheme {t.scheme}; use an integer scheme")
     params = [p for t in states for p in t.params()]
     samples = _samples(inputs, kwargs, targets)
-    if not samples:
+    # under torchrun each rank holds a contiguous share of the samples: minibatches are drawn from the global
+    # indices (the same draw on every rank), each rank computes its members' part of the loss (normalised by
+    # the global minibatch), and the gradients are summed over the ranks: one process's run, split
+    first, total = offsets(len(samples))
+    if not total:
         raise ValueError("autoround needs calibration samples (inputs is empty)")
-    bs = max(1, min(batch_size, len(samples)))
+    bs = max(1, min(batch_size, total))
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
+
+    def members(idx: list[int]) -> list[int]:
+        return [i - first for i in idx if first <= i < first + len(samples)]
 
     dev = next(block.parameters()).device  # inputs may live on CPU (low-memory pipelines)
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -270,30 +278,39 @@ def autoround_block(
     try:
         # Minibatch losses of different samples are not comparable (some text is harder): score each
         # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
-        rtn_per_sample = _per_sample_loss(block, states, samples, bs, dev)  # V = 0, full range: RTN
+        rtn_per_sample = all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))  # V = 0: RTN
         rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
         rtn_state = [t.snapshot() for t in states]
         best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
         best = [t.snapshot() for t in states]
         for it in range(iters + 1):  # iteration `iters` only evaluates the last update
             if len(order) < bs:
-                order += torch.randperm(len(samples), generator=gen).tolist()
+                order += torch.randperm(total, generator=gen).tolist()
             idx, order = order[:bs], order[bs:]
-            x = torch.cat([samples[i][0] for i in idx], 0).to(dev, torch.float32)
-            y = torch.cat([samples[i][2] for i in idx], 0).to(dev, torch.float32)
-            kw = _to_device(_collate([samples[i][1] for i in idx]), dev)
+            local = members(idx)
             need_grad = it < iters
             with torch.set_grad_enabled(need_grad):
-                weights = {f"{t.name}.weight": t.fake_quant() for t in states}
-                out = _block_out(functional_call(block, weights, (x,), kw))
-                loss = torch.nn.functional.mse_loss(out, y)
-            score = float(loss.detach()) / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
+                if local:
+                    x = torch.cat([samples[i][0] for i in local], 0).to(dev, torch.float32)
+                    y = torch.cat([samples[i][2] for i in local], 0).to(dev, torch.float32)
+                    kw = _to_device(_collate([samples[i][1] for i in local]), dev)
+                    weights = {f"{t.name}.weight": t.fake_quant() for t in states}
+                    out = _block_out(functional_call(block, weights, (x,), kw))
+                    # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples)
+                    loss = (out - y).pow(2).sum() / (out[0].numel() * len(idx))
+                else:  # no member of this minibatch here: a zero share, but the same collectives as the others
+                    loss = sum(t.fake_quant().sum() * 0.0 for t in states) if need_grad else torch.zeros(())
+            loss_all = all_reduce_scalar(float(loss.detach()))
+            score = loss_all / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
             if score < best_score:
                 best_score, best_iter = score, it
                 best = [t.snapshot() for t in states]
             if not need_grad:
                 break
-            grads = torch.autograd.grad(loss, params)
+            # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            _sum_over_ranks(grads)
             step = lr * (1.0 - it / iters)  # linear decay to 0
             with torch.no_grad():
                 torch._foreach_add_(params, torch._foreach_sign(grads), alpha=-step)
@@ -303,7 +320,7 @@ def autoround_block(
             t.restore(b)
         best_loss = rtn_loss
         if best_iter > 0:  # confirm on every sample; few or large steps can win one minibatch only
-            best_loss = sum(_per_sample_loss(block, states, samples, bs, dev)) / len(samples)
+            best_loss = sum(all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))) / total
             if best_loss >= rtn_loss:
                 log.info("autoround: iterate %d (loss %.4g) is not better than RTN (%.4g) on all samples; "
                          "keeping RTN", best_iter, best_loss, rtn_loss)
@@ -327,6 +344,18 @@ def autoround_block(
         results[t.name] = QuantResult(PackedWeight.from_codes(q, scale, zero, t.scheme),
                                       P.relative_error(t.w, w_hat), stats)
     return results
+
+
+def _sum_over_ranks(grads: list[Tensor]) -> None:
+    """Sum gradients over the ranks in place (one flat all-reduce); nothing with one process."""
+    if rank_world()[1] == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_sum_(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 @ALGORITHMS.register("autoround")

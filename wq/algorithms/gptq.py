@@ -23,6 +23,7 @@ from .. import primitives as P
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
+from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def gptq_quantize(
 
     damp: fraction of the mean diagonal added to H; block: columns per lazy update; act_order /
     static_groups: see the module doc; mse: search a clipped range per group instead of min-max.
-    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used.
+    stats: loss = tr((W-Wq) H (W-Wq)^T) with the undamped H, damp actually used, output_error =
+    sqrt(loss / tr(W H W^T)) (relative output error on the calibration inputs) and rtn_output_error, the same
+    for round-to-nearest codes.
     """
     W = w.detach().float().clone()  # [out, in]
     out_f, in_f = W.shape
@@ -138,9 +141,90 @@ def gptq_quantize(
             g_idx = torch.tensor(col_group, device=Q.device, dtype=torch.int32)[inv]
     packed = PackedWeight.from_codes(Q, scale, zero, scheme, g_idx=g_idx)
     w_hat = packed.dequantize(torch.float32)  # [out, in]
-    E = w.float() - w_hat
-    loss = float((E @ H0 * E).sum())
-    return QuantResult(packed, P.relative_error(w, w_hat), {"loss": loss, "damp": used_damp})
+    return QuantResult(packed, P.relative_error(w, w_hat), {**_objective(w, w_hat, H0, scheme, mse), "damp": used_damp})
+
+
+def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, rows: int = 512) -> dict:
+    """loss = tr((W-Wq) H (W-Wq)^T), and the error gptq minimises relative to tr(W H W^T), next to round-to-nearest's
+    on the same inputs: gptq trades weight error (often above rtn's) for output error, so the weight error alone
+    reads like a regression. The relative errors sum over every `ceil(out / rows)`-th output row (exact up to
+    `rows` rows; a fixed sample beyond, so they cost at most `rows` x in^2 multiply-adds each)."""
+    W0, H = w.float(), H.float()
+    E = W0 - w_hat
+    loss = float((E @ H * E).sum())
+    step = -(-W0.shape[0] // rows)
+    Ws, Es = W0[::step], E[::step]
+    ref = float((Ws @ H * Ws).sum())
+    E_rtn = Ws - rtn_quantize(W0, scheme, mse=mse).packed.dequantize(torch.float32)[::step]
+    rtn_loss = float((E_rtn @ H * E_rtn).sum())
+    err = float((Es @ H * Es).sum()) if step > 1 else loss
+    return {"loss": loss, "output_error": (err / ref) ** 0.5 if ref > 0 else 0.0,
+            "rtn_output_error": (rtn_loss / ref) ** 0.5 if ref > 0 else 0.0}
+
+
+@torch.no_grad()
+def gptq_quantize_many(ws: list[Tensor], Hs: list[Tensor], scheme: QuantScheme, *, block: int = 128,
+                       damp: float = 0.01, mse: bool = False) -> list[QuantResult]:
+    """gptq_quantize for several weights of one shape, each with its own Hessian, in one batched column loop
+    (MoE: an experts layer's same-shaped projections). The loop's per-column work is a handful of small ops;
+    batching B weights runs it once instead of B times. Same algorithm and result as gptq_quantize up to
+    float summation order (batched matmuls); act-order is not batched (use gptq_quantize).
+
+    ws: B tensors [out, in]; Hs: B tensors [in, in] (never modified)."""
+    W = torch.stack([w.detach().float() for w in ws])  # [B, out, in]
+    B, out_f, in_f = W.shape
+    G = scheme.group_for(in_f)
+    n_groups = scheme.n_groups(in_f)
+    Us, damps = [], []
+    for b, H in enumerate(Hs):
+        if H.shape != (in_f, in_f):
+            raise ValueError(f"gptq: Hessian shape {tuple(H.shape)} does not match in_features={in_f}")
+        H = H.float().clone()
+        dead = H.diagonal() == 0  # inputs that were always zero: quantize them to 0
+        H[dead, dead] = 1
+        W[b][:, dead] = 0
+        U, d = _inverse_cholesky(H, damp)
+        Us.append(U)
+        damps.append(d)
+    U = torch.stack(Us)  # [B, in, in] upper
+    del Us
+    scale = torch.zeros(B, out_f, n_groups, device=W.device)
+    zero = torch.zeros(B, out_f, n_groups, device=W.device)
+    Wt = W.transpose(1, 2).contiguous()  # [B, in, out]: column k of each weight is row k here
+    del W
+    Qt = torch.zeros(B, in_f, out_f, device=Wt.device)
+    maxq = scheme.maxq
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = Wt[:, i1:i2]  # [B, b, out] view, updated in place
+        E1 = torch.empty_like(W1)
+        U1 = U[:, i1:i2, i1:i2]  # [B, b, b]
+        for i in range(i2 - i1):
+            k = i1 + i
+            g = k // G
+            if k % G == 0:  # group parameters from the current (updated) weights of the group's columns
+                cols = Wt[:, k:k + G].transpose(1, 2).reshape(B * out_f, -1)  # [B*out, <=G]
+                sc, ze = _qparams(cols, scheme, mse)
+                scale[:, :, g], zero[:, :, g] = sc.view(B, out_f), ze.view(B, out_f)
+            s, z = scale[:, :, g], zero[:, :, g]  # [B, out]
+            col = W1[:, i]  # [B, out]
+            q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+            Qt[:, k] = q
+            err = E1[:, i]
+            torch.sub(col, (q - z) * s, out=err)
+            err.div_(U1[:, i, i, None])
+            if i + 1 < i2 - i1:  # spread the error over the block's later columns: W1[:, j] -= U1[:, i, j] err
+                W1[:, i + 1:].baddbmm_(U1[:, i, i + 1:, None], err[:, None, :], alpha=-1)
+        if i2 < in_f:
+            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), E1, alpha=-1)
+    results = []
+    for b in range(B):
+        Q = Qt[b].t().to(torch.int32)  # [out, in]
+        packed = PackedWeight.from_codes(Q, scale[b], zero[b], scheme)
+        w_hat = packed.dequantize(torch.float32)
+        stats = {**_objective(ws[b], w_hat, Hs[b], scheme, mse), "damp": damps[b]}
+        results.append(QuantResult(packed, P.relative_error(ws[b], w_hat), stats))
+    return results
 
 
 @ALGORITHMS.register("gptq")
@@ -159,3 +243,12 @@ class GPTQ(Algorithm):
         return gptq_quantize(w, H, scheme, block=int(st.get("block_size") or 128), damp=float(st.get("damp", 0.01)),
                              act_order=bool(st.get("act_order", False)),
                              static_groups=bool(st.get("static_groups", True)), mse=bool(st.get("mse", False)))
+
+    def quantize_weights(self, ws: list[Tensor], scheme: QuantScheme, *, Hs: list[Tensor]) -> list[QuantResult] | None:
+        """Several same-shaped weights at once (the pipeline batches an MoE layer's experts); None: not
+        batchable with these settings (act-order), quantize one by one."""
+        st = self.settings
+        if bool(st.get("act_order", False)):
+            return None
+        return gptq_quantize_many(ws, Hs, scheme, block=int(st.get("block_size") or 128),
+                                  damp=float(st.get("damp", 0.01)), mse=bool(st.get("mse", False)))

@@ -65,3 +65,36 @@ def all_reduce_scalar(x: float) -> float:
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
     return float(all_reduce_sum_(t).item())
+
+
+def all_gather_floats(values: list[float]) -> list[float]:
+    """Every rank's list concatenated in rank order (lists may differ in length)."""
+    if rank_world()[1] == 1:
+        return list(values)
+    parts: list = [None] * rank_world()[1]
+    torch.distributed.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
+def offsets(local: int) -> tuple[int, int]:
+    """(index of this rank's first item, total items) when each rank holds `local` consecutive items."""
+    rank, world = rank_world()
+    if world == 1:
+        return 0, local
+    counts: list = [None] * world
+    torch.distributed.all_gather_object(counts, int(local))
+    return sum(counts[:rank]), sum(counts)
+
+
+def init_from_env(device: str | None) -> str | None:
+    """Join the process group when started by torchrun / accelerate launch (WORLD_SIZE > 1): gloo on CPU,
+    NCCL on GPUs (each rank on its own GPU). Returns the device this rank computes on."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or rank_world()[1] > 1:
+        return device
+    from accelerate import PartialState
+
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    return "cpu" if cpu else str(state.device)

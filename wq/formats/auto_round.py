@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..packing import PackedWeight, default_g_idx
 from ..scheme import QuantScheme
-from .base import FORMATS, partial_group_reason
+from .base import FORMATS, log_consumers, partial_group_reason
 from .gptq import _GPTQTensors
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ class AutoRound(_GPTQTensors):
             if pw.g_idx is not None and not torch.equal(pw.g_idx.cpu(), default_g_idx(pw.in_features, pw.scheme)):
                 raise ValueError(f"{name}: act-order weights with a permuted g_idx cannot be written in the "
                                  "auto_round format (its loader reads no g_idx); use --format gptq or wq")
-        who = {"wq.load": None, "auto-round": partial_group_reason(layers)}
-        if who["auto-round"]:  # its inference backends keep such layers as plain Linear and fail to load
-            log.warning("auto_round export will NOT load in auto-round's loader: %s", who["auto-round"])
+        # auto-round's inference backends keep layers with a partial group as plain Linear and fail to load;
+        # vLLM reads auto-round checkpoints with its GPTQ/Marlin kernels, which need whole groups too
+        partial = partial_group_reason(layers)
+        who = log_consumers(self.name, {"wq.load": None, "auto-round": partial, "vllm": partial}, log)
         all_sym = all(pw.scheme.sym for pw in layers.values())
         if all_sym:  # symmetric zero = 2**(b-1) >= 1, so zero-1 always fits
             return {"packing_format": "auto_round:auto_gptq", "consumers": who}

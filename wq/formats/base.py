@@ -29,7 +29,8 @@ class Format:
         return None
 
     def prepare(self, layers: dict[str, PackedWeight]) -> dict[str, Any]:
-        """Checkpoint-wide choices made once from all layers (e.g. GPTQ v1 vs v2)."""
+        """Checkpoint-wide choices made once from all layers (e.g. GPTQ v1 vs v2). In streamed runs the
+        layers are PackedWeight.summary()s: read schemes, shapes, g_idx and zero-point values only."""
         return {}
 
     def layer_tensors(self, pw: PackedWeight, options: dict[str, Any]) -> dict[str, Tensor]:
@@ -52,14 +53,38 @@ class Format:
 FORMATS: Registry[type[Format]] = Registry("format")
 
 
+GROUP_SIZES = (32, 64, 128, 256)  # the grammar's groups (QuantScheme)
+
+
+def group_hint(in_features: set[int] | list[int]) -> str:
+    """What to use instead, computed from the shapes themselves: the groups that divide every one of them, else
+    per-channel (G-1) or skipping those layers."""
+    fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in in_features)]
+    if fits:
+        return f"use G{' or G'.join(str(g) for g in sorted(fits, reverse=True)[:2])} (they divide them), or G-1"
+    return "no group size divides them: use G-1 (per channel), or --skip those layers"
+
+
 def partial_group_reason(layers: dict[str, PackedWeight]) -> str | None:
     """Why readers that need in_features % group_size == 0 (vLLM, compressed-tensors, auto-round) cannot
-    load these layers, or None."""
+    load these layers, or None. The hint comes from the layers' real shapes."""
     partial = [(n, pw) for n, pw in layers.items()
                if pw.scheme.group_size != -1 and pw.in_features % pw.scheme.group_size]
     if not partial:
         return None
     n, pw = partial[0]
+    sizes = sorted({p.in_features for _, p in partial})
     return (f"{len(partial)} layer(s) have in_features not a multiple of the group size (e.g. {n}: "
-            f"in={pw.in_features}, G={pw.scheme.group_size}); use a group that divides them (G32/G64 for 576) "
-            "or G-1")
+            f"in={pw.in_features}, G={pw.scheme.group_size}; in_features {', '.join(map(str, sizes))}); "
+            f"{group_hint(sizes)}")
+
+
+def log_consumers(fmt: str, who: dict[str, str | None], log) -> dict[str, str | None]:
+    """Say at export which readers load what is being written (and why the others do not); returns `who` for
+    wq.json's "consumers"."""
+    ok = [k for k, v in who.items() if v is None]
+    log.info("%s export loads in: %s", fmt, ", ".join(ok) or "none")
+    for k, why in who.items():
+        if why is not None:
+            log.warning("%s export will NOT load in %s: %s", fmt, k, why)
+    return who

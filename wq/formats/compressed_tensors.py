@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..packing import PackedWeight, default_g_idx, pack, packed_size, unpack
 from ..scheme import QuantScheme
-from .base import FORMATS, Format, partial_group_reason
+from .base import FORMATS, Format, log_consumers, partial_group_reason
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,7 @@ class CompressedTensors(Format):
                 raise ValueError(f"{name}: act-order weights with a permuted g_idx cannot be written as "
                                  "compressed-tensors pack-quantized here; use --format gptq or wq, or "
                                  "quantize with static groups")
-        who = consumers(layers)
-        ok = [k for k, v in who.items() if v is None]
-        log.info("compressed-tensors export loads in: %s", ", ".join(ok))
-        for k, why in who.items():
-            if why is not None:
-                log.warning("compressed-tensors export will NOT load in %s: %s", k, why)
-        return {"consumers": who}
+        return {"consumers": log_consumers(self.name, consumers(layers), log)}
 
     def layer_tensors(self, pw: PackedWeight, options: dict[str, Any]) -> dict[str, Tensor]:
         b = pw.scheme.bits

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..fp8 import FP8_DTYPES, Fp8Weight
 from ..scheme import QuantScheme
-from .base import FORMATS, Format
+from .base import FORMATS, Format, log_consumers
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,10 @@ class CompressedTensorsFp8(_Fp8Tensors):
 
     def prepare(self, layers):
         grouped = sorted({str(pw.scheme) for pw in layers.values() if pw.scheme.group_size != -1})
-        if grouped:
-            log.warning("%s written with compressed-tensors' group strategy: wq and compressed-tensors read it, "
-                        "vLLM does not (it serves FP8 weights per channel, per tensor or in 128x128 blocks); "
-                        "use FP8 (per channel) for vLLM", ", ".join(grouped))
-        return {"vllm": not grouped}
+        vllm = (f"{', '.join(grouped)} is written with compressed-tensors' group strategy; vLLM serves FP8 weights "
+                "per channel, per tensor or in 128x128 blocks: use FP8 (per channel)") if grouped else None
+        who = {"wq.load": None, "compressed-tensors": None, "transformers": None, "vllm": vllm}
+        return {"vllm": not grouped, "consumers": log_consumers(self.name, who, log)}
 
     def quantization_config(self, quant, options):
         by_scheme: dict[str, list[str]] = {}
@@ -151,6 +150,10 @@ class WqFp8(_Fp8Tensors):
 
     name = "wq-fp8"
     quant_method = "wq"
+
+    def prepare(self, layers):
+        return {"consumers": {"wq.load": None, "vllm": "wq-fp8 (quant_method wq) is wq's own layout; E4M3 per "
+                              "channel (FP8) goes to compressed-tensors, which vLLM reads"}}
 
     def quantization_config(self, quant, options):
         return {"quant_method": "wq", "format": FLOAT_QUANTIZED, "scheme": quant["scheme"],

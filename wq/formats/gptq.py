@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..packing import PackedWeight, default_g_idx, pack, unpack
 from ..scheme import QuantScheme
-from .base import FORMATS, Format
+from .base import FORMATS, Format, log_consumers, partial_group_reason
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ class _GPTQTensors(Format):
         }
 
 
+def gptq_consumers(layers: dict[str, PackedWeight], checkpoint_format: str) -> dict[str, str | None]:
+    """Who loads a GPTQ checkpoint of these layers: name -> None (yes) or why not. vLLM's GPTQ and Marlin methods
+    refuse a Linear whose in_features is not a multiple of the group size ("input size is not aligned"); a
+    gptq_v2 checkpoint needs a vLLM that knows the v2 zero points (older ones read them as v1: wrong weights)."""
+    reasons = [r for r in (partial_group_reason(layers),
+                           "checkpoint_format gptq_v2 (exact zero points) is read correctly only by a vLLM with "
+                           "GPTQ v2 support; use -sym, or --format compressed-tensors" if checkpoint_format == "gptq_v2"
+                           else None) if r]
+    return {"wq.load": None, "vllm": "; ".join(reasons) or None}
+
+
 @FORMATS.register("gptq")
 class GPTQ(_GPTQTensors):
     name = "gptq"
@@ -98,7 +109,8 @@ class GPTQ(_GPTQTensors):
             log.warning("some groups have zero point 0, which GPTQ v1 (zero-1) cannot store: writing "
                         "checkpoint_format gptq_v2 (read by GPTQModel; use --format wq or compressed-tensors "
                         "for other readers)")
-        return {"checkpoint_format": "gptq_v2" if has_zero0 else "gptq"}
+        fmt = "gptq_v2" if has_zero0 else "gptq"
+        return {"checkpoint_format": fmt, "consumers": log_consumers(self.name, gptq_consumers(layers, fmt), log)}
 
     def zero_offset(self, options):
         return 1 if options.get("checkpoint_format", "gptq") == "gptq" else 0  # v1 stores zero - 1
@@ -139,6 +151,10 @@ class Native(_GPTQTensors):
 
     name = "wq"
     quant_method = "wq"
+
+    def prepare(self, layers: dict[str, PackedWeight]) -> dict[str, Any]:
+        return {"consumers": {"wq.load": None, "transformers (after import wq)": None,
+                              "vllm": "quant_method wq is wq's own; use --format gptq or compressed-tensors"}}
 
     def quantization_config(self, quant, options):
         return {"quant_method": "wq", "scheme": quant["scheme"], **self._common_config(quant),

@@ -2,10 +2,11 @@
 `cpu_avx2_i8` (int8-rounded activations, integer dot products: decode), `cpu_avx2` (fp32 activations
 and FMA) and `cpu_avx2_dq` (dequantized fp32 tiles + torch's GEMM: prefill).
 
-The extension (csrc/cpu_gemv.cpp) is compiled with the machine's compiler on first use and cached
-by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); when it cannot build, the
-kernel reports itself unavailable (logged once with the reason) and dispatch falls back to the aten
-kernels or the reference. `WQ_NO_NATIVE=1` skips the build.
+The extension (csrc/cpu_gemv.cpp) is compiled with the machine's compiler on first use ("compiling CPU
+kernels (once)") into <wq cache>/kernels/cpu_gemv-<hash of source, flags, torch, python>/ and imported
+from there by every later process, test run and checkout; when it cannot build, the kernel reports
+itself unavailable (logged once with the reason) and dispatch falls back to the aten kernels or the
+reference. `WQ_NO_NATIVE=1` skips the build.
 
 Weights are repacked once per layer at their real width (4-bit nibbles interleaved, 2-bit crumbs,
 3-bit as a 2-bit plane plus a 1-bit plane, 8-bit bytes; see the .cpp for the exact byte layout),
@@ -34,8 +35,59 @@ _ext = None
 _failed: str | None = None
 
 
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def build_key() -> str:
+    """What the compiled module depends on: the source, the flags, torch and Python. The same key means the same
+    binary, whichever checkout or process asks for it."""
+    import hashlib
+    import sys
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """<wq cache>/kernels/cpu_gemv-<key>: one build per machine, shared by tests, CLI runs and every checkout."""
+    from ..assets import cache_dir
+
+    return cache_dir() / "kernels" / f"cpu_gemv-{build_key()}"
+
+
+def _import(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, d: Path):
+    """Compile into `d` from a copy of the source kept there (the build then never depends on which checkout
+    asked: torch's ninja files record the source path). torch's own lock serialises concurrent builds."""
+    import shutil
+
+    from torch.utils.cpp_extension import load
+
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / SOURCE.name
+    if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
+        shutil.copyfile(SOURCE, src)
+    log.warning("compiling CPU kernels (once per machine, about a minute; cached in %s)", d)
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into the extension itself; without the flag its
+    # pragma is ignored and every kernel runs on one thread whatever torch's setting
+    # copies: load() appends to the flag lists it is given
+    return load(name=name, sources=[str(src)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                build_directory=str(d), verbose=False)
+
+
 def extension():
-    """The compiled extension module, or None when it cannot be built here (reason logged once)."""
+    """The compiled extension module, or None when it cannot be built here (reason logged once). Built once per
+    machine into build_dir() and imported from there afterwards (no compiler or ninja run)."""
     global _ext, _failed
     if _ext is not None or _failed is not None:
         return _ext
@@ -45,12 +97,10 @@ def extension():
         _failed = f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"
     else:
         try:
-            from torch.utils.cpp_extension import load
-
-            # -fopenmp: at::parallel_for is an OpenMP region compiled into the extension itself; without
-            # the flag its pragma is ignored and every kernel runs on one thread whatever torch's setting
-            _ext = load(name="wq_cpu_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"], verbose=False)
+            d = build_dir()
+            name = f"wq_cpu_gemv_{build_key()}"
+            built = d / f"{name}.so"
+            _ext = _import(name, built) if built.exists() else _build(name, d)
         except Exception as e:  # compiler missing or failing: the kernel is unavailable, said once
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
     if _failed is not None:

@@ -25,9 +25,15 @@ from . import dispatch
 _STATE: dict[int, tuple[weakref.ref, tuple[int, int, int], dict]] = {}
 
 
+def tensor_version(t: Tensor) -> int:
+    """In-place edit counter; tensors made under torch.inference_mode() have none (and cannot be edited
+    outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _state_cache(qweight: Tensor, scales: Tensor, zeros: Tensor) -> dict:
     key = id(qweight)
-    versions = (qweight._version, scales._version, zeros._version)
+    versions = (tensor_version(qweight), tensor_version(scales), tensor_version(zeros))
     hit = _STATE.get(key)
     if hit is not None and hit[0]() is qweight and hit[1] == versions:
         return hit[2]

@@ -1,10 +1,16 @@
-"""Triton dequantization: the shared in-register tile unpacker, and a full-weight dequantize kernel.
+"""Triton dequantization: the in-register code unpackers every kernel shares, and the full-weight
+dequantize kernel of the large-M path.
 
-`dequant_tile` turns a [BLOCK_K, BLOCK_N] tile of packed codes (TritonWeight layout, see
-triton_layout.py) into fp32 weights (q - zero) * scale; every fused matmul kernel calls it.
+Every kernel loads a tile of packed words once ([BLOCK_K / (32/b), BLOCK_N] int32, output columns
+contiguous) and unpacks the codes of each word in registers: code p of a word is
+`(word >> p*b) & (2**b - 1)`, for 3 bits the low plane's 2 bits joined with the high plane's bit
+(triton_layout.py). Codes become fp32 without an int-to-float conversion: OR-ing a code q < 2**23
+into the bit pattern of 2**23 gives the float 2**23 + q exactly, and subtracting 2**23 + zero gives
+q - zero in one add (`code_f32`, `minus_zero`).
+
 `dequant_matmul` is the large-M path: dequantize the whole weight once into the activation dtype
-([K, N], coalesced along N) and let cuBLAS do the GEMM, which wins once M is large enough that the
-matmul is compute bound and the extra K*N*2 bytes of traffic are amortized.
+([K, N], coalesced along N; act-order rows land at their original input index) and let cuBLAS do
+the GEMM, which wins once M is large enough that the matmul is compute bound.
 
 Importing this module imports triton; `triton_backend.py` imports it only when triton is usable.
 """
@@ -16,98 +22,100 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_configs import TileConfig
+from .triton_launch import Launch, WeightMeta, device_family, run
 from .triton_layout import TritonWeight
 
-# How per-group tensors (scales, zeros) are read for a K tile; chosen in python as a constexpr.
-SCALE_ROW = 0  # the whole tile lies in one group (group % BLOCK_K == 0, or one group per row)
-SCALE_BCAST = 1  # BLOCK_K % group == 0: read BLOCK_K // group rows and broadcast each over its group
-SCALE_GATHER = 2  # anything else, or act-order g_idx: gather the group of every input row
-
-
-def scale_mode(tw: TritonWeight, block_k: int) -> int:
-    n_groups = -(-tw.in_features // tw.group)
-    if tw.g_idx is not None:
-        return SCALE_GATHER
-    if n_groups == 1 or tw.group % block_k == 0:
-        return SCALE_ROW
-    if block_k % tw.group == 0:
-        return SCALE_BCAST
-    return SCALE_GATHER
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # bit pattern of the float 2**23
+MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _group_tile(ptr, gi_ptr, k0, offs_k, offs_n, mask_k, mask_n, N, n_groups,
-                G: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per-group values (row-major [n_groups, N]) expanded to the [BLOCK_K, BLOCK_N] tile, as fp32."""
-    if MODE == 0:
-        row = tl.load(ptr + (k0 // G) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        vals = tl.broadcast_to(row[None, :], (BLOCK_K, BLOCK_N))
-    elif MODE == 1:
-        GPT: tl.constexpr = BLOCK_K // G  # groups per tile
-        g = k0 // G + tl.arange(0, GPT)
-        rows = tl.load(ptr + g[:, None] * N + offs_n[None, :],
-                       mask=(g[:, None] < n_groups) & mask_n[None, :], other=0).to(tl.float32)
-        vals = tl.reshape(tl.broadcast_to(rows[:, None, :], (GPT, G, BLOCK_N)), (BLOCK_K, BLOCK_N))
-    else:
-        if gi_ptr is not None:
-            g = tl.load(gi_ptr + offs_k, mask=mask_k, other=0)
-        else:
-            g = offs_k // G
-        vals = tl.load(ptr + g[:, None] * N + offs_n[None, :],
-                       mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.float32)
-    return vals
-
-
-@triton.jit
-def dequant_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, gi_ptr, k0, offs_n, K, N, n_groups,
-                 G: tl.constexpr, BITS: tl.constexpr, CONST_ZERO: tl.constexpr, MODE: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N] weights W^T[k0:k0+BLOCK_K, offs_n]; rows k >= K come out as 0."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    mask_n = offs_n < N
-    mask = mask_k[:, None] & mask_n[None, :]
+def load_words(qw_ptr, qh_ptr, rows, offs_n, mask, N, BITS: tl.constexpr):
+    """The packed rows `rows` [R] x columns offs_n [C]: (words [R, C], high [R, C]). At 3 bits `high`
+    holds each row's 16 top bits at bit positions 2..17 (the high-plane word, shifted); else unused."""
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
     if BITS == 3:
-        lo = tl.load(qw_ptr + (offs_k // 16)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        hi = tl.load(qh_ptr + (offs_k // 32)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        q = ((lo >> ((offs_k % 16) * 2)[:, None]) & 3) | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
+        hi = tl.load(qh_ptr + (rows // 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        high = (hi >> (16 * (rows % 2))[:, None]) << 2
     else:
-        PER: tl.constexpr = 32 // BITS  # codes per word
-        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-    s = _group_tile(s_ptr, gi_ptr, k0, offs_k, offs_n, mask_k, mask_n, N, n_groups, G, MODE, BLOCK_K, BLOCK_N)
-    if CONST_ZERO >= 0:
-        w = (q - CONST_ZERO).to(tl.float32) * s
-    else:
-        z = _group_tile(z_ptr, gi_ptr, k0, offs_k, offs_n, mask_k, mask_n, N, n_groups, G, MODE,
-                        BLOCK_K, BLOCK_N)
-        w = (q.to(tl.float32) - z) * s
-    return tl.where(mask, w, 0.0)
+        high = words
+    return words, high
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, gi_ptr, K, N, n_groups,
-                    G: tl.constexpr, BITS: tl.constexpr, CONST_ZERO: tl.constexpr, MODE: tl.constexpr,
+def code_f32(words, high, P, BITS: tl.constexpr):
+    """Code P (a constant or a loop index) of each packed row as the float 2**23 + code (exact; the
+    mask and the OR fuse into one instruction)."""
+    if BITS == 3:
+        q = ((words >> (2 * P)) & 3) | ((high >> P) & 4)
+    else:
+        q = (words >> (P * BITS)) & ((1 << BITS) - 1)
+    return (q | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def minus_zero(f, z_ptr, z_offs, z_mask, CONST_ZERO: tl.constexpr):
+    """Codes as floats (2**23 + q, code_f32) -> q - zero, in one subtraction; z_offs / z_mask index
+    the zero points (uint8, [n_groups, N]) in a shape that broadcasts against f."""
+    if CONST_ZERO >= 0:
+        return f - (MAGIC_F + CONST_ZERO)
+    else:
+        return f - (tl.load(z_ptr + z_offs, mask=z_mask, other=0).to(tl.float32) + MAGIC_F)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, K, N,
+                    G: tl.constexpr, BITS: tl.constexpr, CONST_ZERO: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    k0 = tl.program_id(0) * BLOCK_K
+    """One [BLOCK_K, BLOCK_N] tile of W^T; each packed word is loaded once and stored as its codes."""
+    pid_k = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = dequant_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, gi_ptr, k0, offs_n, K, N, n_groups, G,
-                     BITS, CONST_ZERO, MODE, BLOCK_K, BLOCK_N)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w,
-             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+    mask_n = offs_n < N
+    UNIT: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # codes per packed row (see load_words)
+    KW: tl.constexpr = BLOCK_K // UNIT
+    offs_w = pid_k * KW + tl.arange(0, KW)  # packed rows
+    k_first = offs_w * UNIT  # [KW]
+    wmask = (k_first < K)[:, None] & mask_n[None, :]
+    g = (k_first // G)[:, None]  # a word never spans two groups (G >= 32 >= codes per word)
+    s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
+    words, high = load_words(qw_ptr, qh_ptr, offs_w, offs_n, wmask, N, BITS)
+    for p in tl.static_range(UNIT):
+        w = minus_zero(code_f32(words, high, p, BITS), z_ptr, g * N + offs_n[None, :], wmask, CONST_ZERO) * s
+        _store_row(w_ptr, perm_ptr, k_first + p, offs_n, K, N, w)
+
+
+@triton.jit
+def _store_row(w_ptr, perm_ptr, k, offs_n, K, N, vals):
+    """vals [KW, BLOCK_N]: weights of (sorted) input rows k -> w[row, :] (act-order: row = perm[k])."""
+    mask_k = k < K
+    if perm_ptr is not None:
+        row = tl.load(perm_ptr + k, mask=mask_k, other=0)
+    else:
+        row = k
+    tl.store(w_ptr + row[:, None] * N + offs_n[None, :], vals.to(w_ptr.dtype.element_ty),
+             mask=mask_k[:, None] & (offs_n[None, :] < N))
+
+
+def plan_dequant(meta: WeightMeta, dtype: torch.dtype, cfg: TileConfig) -> Launch:
+    k, n = meta.in_features, meta.out_features
+    grid = (triton.cdiv(k, cfg.block_k), triton.cdiv(n, cfg.block_n))
+    return Launch(
+        kernel=_dequant_kernel, grid=grid, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ptrs={"w_ptr": dtype, "qw_ptr": torch.int32, "qh_ptr": torch.int32 if meta.bits == 3 else None,
+              "s_ptr": torch.float16, "z_ptr": torch.uint8, "perm_ptr": torch.int32 if meta.act_order else None},
+        ints={"K": k, "N": n},
+        constexprs=dict(G=meta.group_arg, BITS=meta.bits, CONST_ZERO=meta.const_zero, BLOCK_K=cfg.block_k,
+                        BLOCK_N=cfg.block_n),
+    )
 
 
 def dequantize_kn(tw: TritonWeight, dtype: torch.dtype) -> Tensor:
     """The whole weight, transposed: [K, N] in `dtype` (= PackedWeight.dequantize().t())."""
-    k, n = tw.in_features, tw.out_features
-    w = torch.empty(k, n, dtype=dtype, device=tw.qweight.device)
-    block_k, block_n = 64, 128
-    mode = scale_mode(tw, block_k)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _dequant_kernel[grid](w, tw.qweight, tw.qhigh, tw.scales, tw.zeros, tw.g_idx, k, n,
-                          tw.scales.shape[0], G=tw.group, BITS=tw.bits, CONST_ZERO=tw.const_zero, MODE=mode,
-                          BLOCK_K=block_k, BLOCK_N=block_n)
+    w = torch.empty(tw.in_features, tw.out_features, dtype=dtype, device=tw.qweight.device)
+    cfg = device_family(w.device).config("dequant", tw.bits)
+    run(plan_dequant(WeightMeta.of(tw), dtype, cfg), w_ptr=w, qw_ptr=tw.qweight, qh_ptr=tw.qhigh,
+        s_ptr=tw.scales, z_ptr=tw.zeros, perm_ptr=tw.perm)
     return w
 
 

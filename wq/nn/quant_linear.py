@@ -76,8 +76,8 @@ class QuantLinear(nn.Module):
         # in-place edits (load_state_dict) make a new plan
         qw = b["qweight"]
         key = (x.device, x.dtype, x.numel() // x.shape[-1] if x.numel() else 1,
-               (dispatch.forced_kernel(), dispatch.exact_only()), id(qw), qw._version, b["scales"]._version,
-               b["zeros"]._version)
+               (dispatch.forced_kernel(), dispatch.exact_only()), id(qw), ops.tensor_version(qw), ops.tensor_version(b["scales"]),
+               ops.tensor_version(b["zeros"]))
         plans = self.__dict__.setdefault("_plans", {})
         run = plans.get(key)
         if run is None:
@@ -155,6 +155,7 @@ class QuantLinear(nn.Module):
         # would lose 3 mantissa bits and break reload equality), float8 weights and fp32 scales (FP8).
         # They only follow the device; the bias follows dtype and device as usual.
         self.uncompact_()  # the compact layout is CPU-only: moving or casting starts from the checkpoint tensors
+        self.__dict__.pop("_plans", None)  # plans bind the old tensors (a streamed block moved to meta kept them)
         names = ("weight", "weight_scale") if self.scheme.is_fp8 else ("scales",)
         keep = {k: self._buffers.pop(k) for k in names if self._buffers.get(k) is not None}
         try:
