@@ -4,7 +4,6 @@ checkpoint the in-memory path writes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from wq.loading.shards import ShardReader
 from wq.model_free import ModelFreeError, cast_model_free, check, plan_tensors, quantize_model_free
 
 
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    index = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for f in files:
-        out.update(load_file(str(d / f)))
-    return out
-
-
 @pytest.mark.parametrize("arch,scheme,fmt", [("llama", "W4G128", "gptq"), ("qwen3_moe", "W4G32", "compressed-tensors"),
                                              ("mixtral", "W3G64", "wq"), ("llama", "FP8", "compressed-tensors")])
 def test_model_free_equals_in_memory(arch, scheme, fmt, tmp_path):
@@ -34,7 +24,7 @@ def test_model_free_equals_in_memory(arch, scheme, fmt, tmp_path):
     model = type(zoo.build(arch)).from_pretrained(src).eval()
     wq.quantize_model(model, scheme, progress=False)
     wq.save(model, tmp_path / "mem", format=fmt)
-    a, b = _tensors(tmp_path / "mf"), _tensors(tmp_path / "mem")
+    a, b = zoo.checkpoint_tensors(tmp_path / "mf"), zoo.checkpoint_tensors(tmp_path / "mem")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "mf" / "wq.json").read_text())
     assert meta["model_free"] and meta["coverage"]["blocks_share"] > 0.99
@@ -64,7 +54,7 @@ def test_fp16_cast_audits_weights_and_refuses_overflow(tmp_path):
     src = tmp_path / "src"
     zoo.build("llama").save_pretrained(src)
     cast_model_free(src, "FP16", tmp_path / "ok", progress=False)
-    a = _tensors(tmp_path / "ok")
+    a = zoo.checkpoint_tensors(tmp_path / "ok")
     ref = load_file(str(src / "model.safetensors"))
     assert all(torch.equal(a[k], ref[k].to(torch.float16)) for k in ref)
     audit = json.loads((tmp_path / "ok" / "fp16_audit.json").read_text())

@@ -138,7 +138,7 @@ def test_save_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("wq.writing.shards.save_file", full_disk)
+    monkeypatch.setattr("wq.writing.shards._append", full_disk)  # the shard is joined on disk
     with pytest.raises(OSError, match="No space"):
         wq.save(model, out, overwrite=True)
     assert (out / "wq.json").read_text() == before and _leftovers(tmp_path) == []
@@ -187,7 +187,7 @@ def test_cli_overwrite_swaps_and_late_failure_is_one_line(tiny_dir, tmp_path, mo
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("wq.writing.shards.save_file", full_disk)
+    monkeypatch.setattr("wq.writing.shards._append", full_disk)  # the shard is joined on disk
     assert main([str(tiny_dir), "--scheme", "W4G32", "-o", str(out), "--no-progress", "--overwrite"]) == 1
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("error:")]

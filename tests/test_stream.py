@@ -26,15 +26,6 @@ def _calib():
 CALIB = {"nsamples": 4, "seqlen": 16, "batch_size": 2}
 
 
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    index = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for f in files:
-        out.update(load_file(str(d / f)))
-    return out
-
-
 def _source(arch: str, tmp_path: Path, shard="60KB") -> Path:
     src = tmp_path / f"src-{arch}"
     zoo.build(arch).save_pretrained(src, max_shard_size=shard)
@@ -67,7 +58,7 @@ def test_streamed_equals_in_memory(arch, algo, tmp_path):
     model = type(zoo.build(arch)).from_pretrained(src).eval()
     wq.quantize_model(model, "W4G128", algo=algo, progress=False, **kw)
     wq.save(model, tmp_path / "memory", format="gptq")
-    a, b = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "memory")
+    a, b = zoo.checkpoint_tensors(tmp_path / "streamed"), zoo.checkpoint_tensors(tmp_path / "memory")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     assert not (tmp_path / "streamed.partial").exists()  # staging removed once written
@@ -112,7 +103,7 @@ def test_outside_tensors_are_not_held_while_the_blocks_run(algo, tmp_path, monke
     model = type(zoo.build("llama")).from_pretrained(src).eval()
     wq.quantize_model(model, "W4G128", algo=algo, override=["lm_head=W8G128"], progress=False, **kw)
     wq.save(model, tmp_path / "memory", format="gptq")
-    a, b = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "memory")
+    a, b = zoo.checkpoint_tensors(tmp_path / "streamed"), zoo.checkpoint_tensors(tmp_path / "memory")
     assert "lm_head.qweight" in a and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 
@@ -169,7 +160,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_checkpoint(tmp_path, monke
     monkeypatch.setattr(pipeline.Checkpoint, "save", real)
     quantize_streamed(src, "W4G128", tmp_path / "r", algo="gptq", calib=_calib(), formats=["wq"], progress=False,
                       resume=True, **CALIB)
-    a, b = _tensors(full), _tensors(tmp_path / "r")
+    a, b = zoo.checkpoint_tensors(full), zoo.checkpoint_tensors(tmp_path / "r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

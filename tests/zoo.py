@@ -8,6 +8,9 @@ some of them to zero or not at all on CPU).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers as T
 
@@ -67,3 +70,15 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             if p.dim() == 3 or (".experts." in name and name.endswith("bias")):
                 p.normal_(0.0, 0.05)
     return model.eval()
+
+
+def checkpoint_tensors(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint directory (sharded or not), by its stored name."""
+    from safetensors.torch import load_file
+
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for f in files:
+        out.update(load_file(str(d / f)))
+    return out

@@ -34,10 +34,10 @@ from .fp8 import fp8_result
 from .io import atomic_dir, default_format
 from .loading.shards import ShardReader
 from .nn.coverage import Coverage, weight_kind
-from .nn.surgery import DEFAULT_SKIP, ROUTER_PATTERNS, compile_pattern, parse_overrides
+from .nn.surgery import DEFAULT_SKIP, compile_pattern, decide, parse_overrides
 from .scheme import QuantScheme
 from .writing.assemble import assemble
-from .writing.output import occupied
+from .writing.output import refuse_occupied
 from .writing.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,14 @@ def plan_tensors(reader: ShardReader, scheme: QuantScheme | str, *, skip: Iterab
         if EMBED.search(module):
             continue
         in_block = BLOCK.match(module) is not None
-        chosen = next((s for p, s in overrides.items() if re.search(p, module)), None)
-        if not in_block and chosen is None and not re.search(r"(^|\.)lm_head$", module):
+        overridden = any(re.search(p, module) for p in overrides)
+        if not in_block and not overridden and not re.search(r"(^|\.)lm_head$", module):
             continue  # outside the blocks only the head is a candidate, and only when overridden
-        hit = next((p for p, r in skips if r.search(module)), None)
-        if chosen is None and hit is not None:
-            skipped[module] = ("MoE router (kept in full precision by default)"
-                               if hit in ROUTER_PATTERNS else f"matches skip pattern {hit!r}")
-            continue
-        chosen = chosen or scheme
-        if chosen.fmt == "bf16":
-            skipped[module] = "override to BF16"
-            continue
-        plan[module] = chosen
+        chosen, why = decide(module, scheme, overrides, skips)
+        if chosen is None:
+            skipped[module] = why
+        else:
+            plan[module] = chosen
     cfg = reader.config.get("text_config") or reader.config
     if "lm_head.weight" not in reader.weight_map and cfg.get("tie_word_embeddings", reader.config.get(
             "tie_word_embeddings", False)):
@@ -139,8 +134,7 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
     if scheme.is_cast:
         raise ValueError(f"{scheme}: use cast_model_free")
     output = Path(output)
-    if occupied(output) and not overwrite:  # an empty directory is filled
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
+    refuse_occupied(output, overwrite)
     reader = source if isinstance(source, ShardReader) else ShardReader.open(source)
     check(reader)
     plan, skipped = plan_tensors(reader, scheme, skip=skip, override=override)
@@ -228,8 +222,7 @@ def cast_model_free(source: str | Path, scheme: QuantScheme | str, output: str |
     scheme = QuantScheme.parse(scheme)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[scheme.fmt]
     output = Path(output)
-    if occupied(output) and not overwrite:  # an empty directory is filled
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
+    refuse_occupied(output, overwrite)
     reader = source if isinstance(source, ShardReader) else ShardReader.open(source)
     stats, t0 = {}, time.perf_counter()
     with atomic_dir(output) as tmp:

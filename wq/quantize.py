@@ -19,6 +19,7 @@ import torch
 from .config import HelpFormatter, QuantConfig
 from .errors import UserError
 from .scheme import QuantScheme
+from .writing.output import human_bytes
 
 log = logging.getLogger("wq")
 
@@ -200,14 +201,6 @@ def load_model(name: str | None, device: str | None, *, tokenizer_needed: str | 
     if device:
         model.to(device)
     return model, tok, path
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def model_bytes(model) -> int:

@@ -37,7 +37,7 @@ from .nn.coverage import coverage
 from .nn.surgery import linear_candidates
 from .scheme import QuantScheme
 from .writing.assemble import assemble, staged_parts
-from .writing.output import occupied
+from .writing.output import refuse_occupied
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def quantize_streamed(source: str | Path | Skeleton, scheme: QuantScheme | str, 
     if scheme.is_cast:
         raise ValueError(f"{scheme} is a plain float cast, not a quantization: use the model-free cast")
     output = Path(output)
-    if occupied(output) and not overwrite:  # an empty directory is filled
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
+    refuse_occupied(output, overwrite)
     algorithm = ALGORITHMS.get(algo)(**{**algo_args, "output": str(output), "resume": resume})
     sk = source if isinstance(source, Skeleton) else Skeleton(ShardReader.open(source))
     model = sk.model

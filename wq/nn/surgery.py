@@ -110,19 +110,27 @@ def plan_layers(
     skip_res = [(p, compile_pattern(p)) for p in skip]
     planned, skipped = {}, {}
     for name in linear_candidates(model):
-        chosen = next((s for p, s in overrides.items() if re.search(p, name)), None)
-        hit = next((p for p, r in skip_res if r.search(name)), None)
-        if chosen is None and hit is not None:
-            router = hit in ROUTER_PATTERNS
-            skipped[name] = ("MoE router (kept in full precision by default)" if router
-                             else f"matches skip pattern {hit!r}")
-            continue
-        chosen = chosen or scheme
-        if chosen.fmt == "bf16":
-            skipped[name] = "override to BF16"
-            continue
-        planned[name] = chosen
+        chosen, why = decide(name, scheme, overrides, skip_res)
+        if chosen is None:
+            skipped[name] = why
+        else:
+            planned[name] = chosen
     return planned, skipped
+
+
+def decide(name: str, scheme: QuantScheme, overrides: dict[str, QuantScheme],
+           skips: list[tuple[str, re.Pattern]]) -> tuple[QuantScheme | None, str | None]:
+    """One weight's fate: (scheme, None) to quantize it, (None, reason) to keep it. The first matching
+    override wins over the default scheme and over the skip patterns; an override to BF16 keeps it."""
+    chosen = next((s for p, s in overrides.items() if re.search(p, name)), None)
+    hit = next((p for p, r in skips if r.search(name)), None)
+    if chosen is None and hit is not None:
+        return None, ("MoE router (kept in full precision by default)" if hit in ROUTER_PATTERNS
+                      else f"matches skip pattern {hit!r}")
+    chosen = chosen or scheme
+    if chosen.fmt == "bf16":
+        return None, "override to BF16"
+    return chosen, None
 
 
 def materialize(model: nn.Module, plan: dict[str, QuantScheme], within: str | None = None) -> list[str]:

@@ -223,3 +223,9 @@ def occupied(path: str | os.PathLike) -> bool:
     if p.is_symlink() or (p.exists() and not p.is_dir()):
         return True
     return p.is_dir() and any(p.iterdir())
+
+
+def refuse_occupied(path: str | os.PathLike, overwrite: bool) -> None:
+    """The API's guard (the CLI checks more, see check_output): an occupied `path` needs overwrite=True."""
+    if occupied(path) and not overwrite:  # an empty directory is filled
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) or choose another -o")
