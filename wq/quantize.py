@@ -110,6 +110,10 @@ def validate(cfg: QuantConfig) -> None:
         raise UserError(f"--init {cfg.init}: choose one of {', '.join(INITS)}")
     if cfg.algo == "awq" and cfg.quantizer not in QUANTIZERS:
         raise UserError(f"--quantizer {cfg.quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    cast = [f for f, on in (("--rotate", cfg.rotate), ("--e2e-steps", bool(cfg.e2e_steps))) if on]
+    if cast and cfg.bits_budget is None and QuantScheme.parse(cfg.scheme).is_cast:
+        raise UserError(f"{' and '.join(cast)} with {cfg.scheme}: a float cast takes neither; give a W<bits>G<group> "
+                        "scheme")
     if cfg.bits_budget is not None:
         for c in cfg.bits_candidates:
             QuantScheme.parse(c)  # SchemeError shows the grammar
