@@ -38,15 +38,25 @@ log = logging.getLogger("compare_autoround")
 
 
 def run_wq(model, scheme: QuantScheme, algo: str, samples: torch.Tensor, tok, a) -> None:
+    extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     if algo == "rtn":
-        quantize_model(model, scheme, algo="rtn", progress=False)
+        quantize_model(model, scheme, algo="rtn", progress=False, **extra)
         return
     args = {"nsamples": samples.shape[0], "seqlen": samples.shape[1], "batch_size": a.batch_size, "seed": a.seed}
-    if algo == "autoround":
+    if algo in ("autoround", "recon"):
         args["iters"] = a.iters
         if a.lr is not None:
             args["lr"] = a.lr
-    quantize_model(model, scheme, algo=algo, calib=samples, tokenizer=tok, progress=False, **args)
+    quantize_model(model, scheme, algo=algo, calib=samples, tokenizer=tok, progress=False, **{**args, **extra})
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def dequantized_copy_(model) -> None:
@@ -94,6 +104,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more wq settings (e.g. rotate=true init=gptq quantizer=gptq), not given to auto-round")
     ap.add_argument("-o", "--output", default=None, help="JSON file for the results")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -108,22 +120,24 @@ def main() -> None:
     rows = []
     meta = {"iters": a.iters, "lr": a.lr or f"1/{a.iters}", "nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": a.batch_size,
             "seed": a.seed, "eval": f"prideprejudice seqlen {a.eval_seqlen} x {windows.shape[0]} windows fp32",
-            "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv),
+            "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv), "set": a.set,
             "load_average_at_start": os.getloadavg()}
     for s in a.schemes:
         scheme = QuantScheme.parse(s)
         for algo in a.algos:
             model = copy.deepcopy(base)
-            t = time.perf_counter()
+            load0 = os.getloadavg()
+            t, cpu = time.perf_counter(), time.process_time()
             if algo == "auto-round":
                 run_auto_round(model, scheme, samples, tok, a)
             else:
                 run_wq(model, scheme, algo, samples, tok, a)
-            seconds = time.perf_counter() - t
+            seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
             dequantized_copy_(model)
             r = perplexity(model.eval(), windows)
-            rows.append({"scheme": str(scheme), "algo": algo, "ppl": r["ppl"], "seconds": seconds})
-            log.info("%s %s: ppl %.3f, quantization %.1fs", scheme, algo, r["ppl"], seconds)
+            rows.append({"scheme": str(scheme), "algo": algo, "ppl": r["ppl"], "seconds": seconds,
+                         "cpu_seconds": cpu_seconds, "load_avg_start": load0, "load_avg_end": os.getloadavg()})
+            log.info("%s %s: ppl %.3f, quantization %.1fs (cpu %.1fs)", scheme, algo, r["ppl"], seconds, cpu_seconds)
             del model
             if a.output:
                 _write(a.output, meta, rows)

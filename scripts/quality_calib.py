@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("WQ_KERNEL", "reference")
 
 import ppl_quick  # noqa: E402
+import torch  # noqa: E402
+from compare_autoround import dequantized_copy_  # noqa: E402
 
 import wq  # noqa: E402
 
@@ -48,16 +50,20 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra algorithm settings")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (the CPU tables use 1)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration/algorithm seeds, one row each")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     extra = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     base, tok = ppl_quick.load_fp32()
     win = ppl_quick.windows_for(tok, "prideprejudice", a.seqlen, a.windows)
 
     def emit(row: dict) -> None:
-        print(f"| {row['scheme']} | {row['algo']} | {row['ppl']:.3f} | {row.get('quant_s', 0):.0f} |", flush=True)
+        print(f"| {row['scheme']} | {row['algo']} {row.get('settings', '')} | {row['ppl']:.3f} | {row.get('quant_s', 0):.0f} |", flush=True)
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -67,15 +73,21 @@ def main() -> None:
         emit({"scheme": "BF16", "algo": "-", **r})
     for scheme in a.schemes:
         for algo in a.algos:
-            m = copy.deepcopy(base)
-            t = time.perf_counter()
-            settings = {"nsamples": a.nsamples, "seqlen": a.seqlen, **extra} if algo != "rtn" else {}
-            rep = wq.quantize_model(m, scheme, algo=algo, calib="emma", tokenizer=tok, progress=False, **settings)
-            qs = time.perf_counter() - t
-            r = ppl_quick.perplexity(m, win)
-            emit({"scheme": scheme, "algo": algo, "settings": settings, "quant_s": qs,
-                  "peak_memory_bytes": rep.peak_memory_bytes, "mean_rel_error": rep.mean_error, **r})
-            del m
+            for seed in a.seeds:
+                m = copy.deepcopy(base)
+                load0 = os.getloadavg()
+                t, cpu = time.perf_counter(), time.process_time()
+                calib = {"nsamples": a.nsamples, "seqlen": a.seqlen, "seed": seed} if algo != "rtn" else {}
+                settings = {**calib, **extra}
+                rep = wq.quantize_model(m, scheme, algo=algo, calib="emma", tokenizer=tok, progress=False, **settings)
+                qs, qcpu = time.perf_counter() - t, time.process_time() - cpu
+                dequantized_copy_(m)  # the reference kernel's math, dequantized once instead of per forward
+                r = ppl_quick.perplexity(m, win)
+                emit({"scheme": scheme, "algo": algo, "settings": settings, "quant_s": qs, "quant_cpu_s": qcpu,
+                      "load_avg_start": load0, "load_avg_end": os.getloadavg(), "threads": torch.get_num_threads(),
+                      "bits": getattr(m, "wq_quant", {}).get("bits_budget"),
+                      "peak_memory_bytes": rep.peak_memory_bytes, "mean_rel_error": rep.mean_error, **r})
+                del m
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ def test_help_explains_every_flag():
         (["./does-not-exist", "--scheme", "W4G128", "-o", "X"], "no such local directory"),
         (["--override", "down_proj", "-o", "X"], "PATTERN=SCHEME"),
         (["--format", "gtpq", "-o", "X"], "Did you mean 'gptq'"),
+        (["--algo", "recon", "--init", "gtpq", "-o", "X"], "--init gtpq: choose one of rtn, gptq, autoround"),
+        (["--algo", "awq", "--quantizer", "hqq", "-o", "X"], "--quantizer hqq"),
+        (["--bits-budget", "3", "--bits-candidates", "W5G128", "-o", "X"], "W<bits>G<group>"),
+        (["--scheme", "BF16", "--rotate", "-o", "X"], "--rotate with BF16: a float cast takes neither"),
         (["--algo", "gptq", "--calib", "corpus.txt", "-o", "X"], "--calib corpus.txt: no such file"),
     ],
 )

@@ -43,3 +43,33 @@ def test_cli_flags_come_from_the_dataclass():
 def test_config_round_trips_through_dict():
     cfg = QuantConfig(scheme="W2G128", override=["a=W4G128"])
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["fast", "balanced", "best"])
+def test_named_recipes_resolve_to_the_bundled_yaml(name):
+    from wq.algorithms import ALGORITHMS
+
+    cfg, _ = config_from_argv(["--recipe", name, "-o", "x"])
+    bundled = QuantConfig.from_yaml(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    bundled.output = "x"
+    assert cfg == bundled
+    ALGORITHMS.get(cfg.algo)
+    assert cfg.scheme == "W4G128"  # recipes choose how, not how many bits: --scheme stays the user's
+
+
+def test_unknown_recipe_name_lists_the_bundled_ones(capsys):
+    from wq.quantize import main
+
+    assert main(["--recipe", "fastest", "-o", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "fastest" in err and "balanced" in err and "best" in err
+
+
+def test_new_settings_reach_the_algorithm():
+    cfg, _ = config_from_argv(["--algo", "recon", "--init", "gptq", "--iters", "7", "--recon-batch", "2",
+                               "--scale-lr", "0.01", "--rotate", "--bits-budget", "3.25", "--bits-candidates", "W3G128",
+                               "--bits-candidates", "W4G128", "-o", "x"])
+    args = cfg.algo_args()
+    assert (args["init"], args["iters"], args["recon_batch"], args["scale_lr"]) == ("gptq", 7, 2, 0.01)
+    assert cfg.model_args() == {"rotate": True, "bits_budget": 3.25, "bits_candidates": ["W3G128", "W4G128"],
+                                "budget_samples": 16, "budget_format": None, "e2e_steps": 0, "e2e_lr": None}

@@ -45,11 +45,15 @@ def _split_blocks(src: Path) -> bool:
 
 
 @pytest.mark.parametrize("arch,algo", [("llama", "rtn"), ("llama", "gptq"), ("mixtral", "rtn"), ("mixtral", "gptq"),
-                                       ("gpt_oss", "rtn"), ("gpt2", "rtn"), ("llama", "autoround")])
+                                       ("gpt_oss", "rtn"), ("gpt2", "rtn"), ("llama", "autoround"),
+                                       ("llama", "awq"), ("llama", "recon")])
 def test_streamed_equals_in_memory(arch, algo, tmp_path):
+    """awq (scales folded into the block's norms and Linears) and recon change only their own block, so they
+    stream too: the staged block carries the folded norms."""
     src = _source(arch, tmp_path)
     assert _split_blocks(src)  # the point: a block spread over files
-    kw = {} if algo == "rtn" else {"calib": _calib(), **CALIB, **({"iters": 2} if algo == "autoround" else {})}
+    kw = {} if algo == "rtn" else {"calib": _calib(), **CALIB, **({"iters": 2} if algo in ("autoround", "recon")
+                                                                    else {})}
     quantize_streamed(src, "W4G128", tmp_path / "streamed", algo=algo, formats=["gptq"], progress=False, **kw)
     model = type(zoo.build(arch)).from_pretrained(src).eval()
     wq.quantize_model(model, "W4G128", algo=algo, progress=False, **kw)

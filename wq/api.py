@@ -42,6 +42,7 @@ class QuantReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    e2e: dict = field(default_factory=dict)  # end-to-end scale tuning stats, when run
     coverage: dict = field(default_factory=dict)  # wq.nn.coverage.Coverage.to_dict(): share quantized by kind
 
     @property
@@ -59,6 +60,7 @@ class QuantReport:
             "layers": {n: vars(r) for n, r in self.layers.items()},
             "skipped": self.skipped,
             "coverage": self.coverage,
+            **({"e2e": self.e2e} if self.e2e else {}),
         }
 
 
@@ -73,21 +75,46 @@ def quantize_model(
     override=None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    rotate: bool = False,
+    bits_budget: float | None = None,
+    bits_candidates: Iterable[str] | None = None,
+    budget_format: str | None = None,
+    budget_samples: int = 16,
+    e2e_steps: int = 0,
+    e2e_lr: float | None = None,
     strict: bool = False,
     **algo_args,
 ) -> QuantReport:
     """Quantize every eligible nn.Linear of `model` in place (QuantLinear swapped in).
 
     scheme: "W4G128" etc.; algo: a registered algorithm name; calib/tokenizer: calibration text for
-    calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery). strict: raise
-    CoverageError, before any work, when under 99% of the decoder blocks' weights would be quantized
-    (otherwise that is a warning). Returns a QuantReport and records the plan on `model.wq_quant`
-    for wq.save.
+    calibrated algorithms; skip/override: regex patterns (see wq.nn.surgery); rotate: first rotate the
+    residual stream (wq.transforms.rotate, seeded by algo_args' seed). strict: raise CoverageError,
+    before any work, when under 99% of the decoder blocks' weights would be quantized (otherwise that
+    is a warning). Returns a QuantReport and records the plan on `model.wq_quant` for wq.save.
+    bits_budget: choose each layer's scheme among bits_candidates (wq.budget) so the layers average at
+    most that many bits per weight as written by budget_format (default compressed-tensors); `scheme`
+    then only names the default for the report. e2e_steps: afterwards, tune every group scale end to
+    end on the calibration samples (wq.algorithms.e2e; holds the unquantized model's final hidden
+    states meanwhile).
     """
     scheme = QuantScheme.parse(scheme)
+    rotation = None
+    if rotate:  # before planning: untying the head adds a Linear weight of its own
+        from .transforms import rotate_model
+
+        rotation = rotate_model(model, seed=int(algo_args.get("seed") or 0)).to_dict()
     if scheme.is_cast:
         raise ValueError(f"{scheme} is a plain float cast, not a quantization: use wq.cast_model(model, {str(scheme)!r})")
     algorithm = ALGORITHMS.get(algo)(**algo_args)
+    budget = None
+    if bits_budget is not None:
+        from .budget import budget_overrides
+
+        override, budget = budget_overrides(model, scheme, bits_budget, skip=skip, override=override, calib=calib,
+                                            tokenizer=tokenizer, candidates=bits_candidates, fmt=budget_format,
+                                            samples=budget_samples, **algo_args)
+        scheme = QuantScheme.parse(budget.main_scheme())
     plan, skipped = plan_layers(model, scheme, skip=skip, override=override)
     if not plan:
         raise ValueError("no Linear layer left to quantize: check --skip / --override patterns")
@@ -107,6 +134,14 @@ def quantize_model(
                  reason)
     report = QuantReport(scheme=str(scheme), algo=algo, skipped=skipped)
     t0 = time.perf_counter()
+    e2e = None
+    if e2e_steps:
+        from .algorithms.e2e import fp_targets
+        from .calib.data import calibration_samples
+
+        e2e_samples = calibration_samples(calib, tokenizer, nsamples=int(algo_args.get("nsamples") or 128),
+                                          seqlen=int(algo_args.get("seqlen") or 2048), seed=int(algo_args.get("seed") or 0))
+        e2e = (e2e_samples, fp_targets(model, e2e_samples))
     if algorithm.needs_calibration:
         from .calib import quantize_calibrated  # the block-by-block pipeline
 
@@ -114,6 +149,11 @@ def quantize_model(
                             progress=progress)
     else:
         _quantize_data_free(model, plan, algorithm, report, device=device, progress=progress)
+    if e2e is not None:
+        from .algorithms.e2e import e2e_tune_scales
+
+        report.e2e = e2e_tune_scales(model, *e2e, steps=e2e_steps, lr=e2e_lr or 1e-3,
+                                     seed=int(algo_args.get("seed") or 0))
     report.seconds = time.perf_counter() - t0
     cov = coverage(model, skipped=skipped)
     report.coverage = cov.to_dict()
@@ -123,6 +163,10 @@ def quantize_model(
     model.wq_quant = {"scheme": str(scheme), "algo": algo, "algo_args": algo_args,
                       "layers": {n: str(s) for n, s in plan.items()}, "report": report.to_dict(),
                       "coverage": report.coverage}
+    if rotation is not None:
+        model.wq_quant["rotation"] = rotation
+    if budget is not None:
+        model.wq_quant["bits_budget"] = budget.to_dict()
     return report
 
 

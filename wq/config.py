@@ -31,7 +31,7 @@ class QuantConfig:
                            "SmolLM2-135M-Instruct", cli=False)
     scheme: str = _f("W4G128", "quantization scheme: W<bits>G<group>[-sym|-asym] (bits 2/3/4/8, group "
                      "-1/32/64/128/256; symmetric by default at 4/8 bits, asymmetric at 2/3), or BF16/FP16/FP8")
-    algo: str = _f("rtn", "algorithm: rtn (no data), gptq or autoround (calibrated)")
+    algo: str = _f("rtn", "algorithm: rtn (no data); gptq, autoround, awq or recon (calibrated)")
     output: str | None = _f(None, "output directory, required (written atomically: temp dir, then rename)",
                             flag="--output", short="-o")
     format: list[str] = _f([], "checkpoint format, repeatable (several write OUT/<format>/); default: the "
@@ -52,6 +52,16 @@ class QuantConfig:
     strict: bool = _f(False, "fail (before any work) when less than 99%% of the decoder blocks' weights would be "
                       "quantized, instead of warning")
     mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
+    rotate: bool = _f(False, "rotate the residual stream (randomized Hadamard) and attention heads first, folded "
+                      "into the weights: the checkpoint stays a plain model (a tied lm_head gets untied, logged)")
+    bits_budget: float | None = _f(None, "mixed precision: average bits per quantized weight (codes, scales and "
+                                   "zero points as the format writes them); each layer's scheme is chosen from "
+                                   "--bits-candidates by measured sensitivity, --scheme is ignored",
+                                   metavar="BITS")
+    bits_candidates: list[str] = _f([], "schemes --bits-budget chooses from, repeatable (default: W2G64 W2G128 "
+                                    "W3G64 W3G128 W4G64 W4G128 W8G128)", repeat=True, metavar="SCHEME")
+    budget_samples: int = _f(16, "--bits-budget: calibration samples (of --nsamples) its sensitivity measurement "
+                             "backpropagates through the whole model")
     # calibration
     calib: str | None = _f(None, "calibration text: a Hub dataset name, a local .txt/.jsonl file or folder; "
                            "default: the shipped Jane Austen corpus (Emma)")
@@ -74,8 +84,19 @@ class QuantConfig:
     block_size: int = _f(128, "gptq: columns per lazy-update block")
     expert_min_tokens: int = _f(128, "gptq: an MoE expert the router sends fewer calibration tokens than this is "
                                 "quantized with the Hessian of all tokens (logged and in the report)")
-    iters: int = _f(200, "autoround: signed-gradient iterations per block")
-    lr: float | None = _f(None, "autoround: learning rate (default 1/iters)")
+    iters: int = _f(200, "autoround: signed-gradient iterations per block; recon: Adam steps per block")
+    lr: float | None = _f(None, "autoround: learning rate (default 1/iters); recon: of the rounding offsets "
+                          "(default 0.02)")
+    scale_lr: float | None = _f(None, "recon: learning rate of the group scales and zero points (default 1.5 lr)")
+    recon_batch: int = _f(1, "recon: calibration samples per Adam step")
+    init: str = _f("rtn", "recon: initial quantizer (rtn, gptq: MSE-searched ranges; autoround)")
+    init_iters: int = _f(50, "recon --init autoround: autoround's iterations")
+    quantizer: str = _f("rtn", "awq: quantizer of the scaled weights (rtn with clipping search, gptq, autoround, "
+                        "recon)")
+    e2e_steps: int = _f(0, "after the blocks: Adam steps (one calibration sample each) tuning every group scale "
+                        "end to end on the final hidden states; needs the calibration set's fp hidden states "
+                        "and one fp32 copy of the codes in memory (0: off)")
+    e2e_lr: float | None = _f(None, "learning rate of --e2e-steps (scale multipliers; default 1e-3)")
     # evaluation
     eval: bool = _f(False, "after saving, evaluate perplexity (and --eval-tasks) against the unquantized model")
     eval_seqlen: int = _f(2048, "evaluation window length in tokens")
@@ -104,6 +125,7 @@ class QuantConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> QuantConfig:
+        path = resolve_recipe(path)
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a YAML mapping of QuantConfig fields")
@@ -112,7 +134,15 @@ class QuantConfig:
     def algo_args(self) -> dict[str, Any]:
         """Settings handed to the algorithm (each algorithm takes what it knows)."""
         return {k: getattr(self, k) for k in ("mse", "damp", "act_order", "block_size", "iters", "lr", "seed",
-                                              "expert_min_tokens")}
+                                              "expert_min_tokens", "scale_lr", "recon_batch", "init",
+                                              "init_iters", "quantizer")}
+
+    def model_args(self) -> dict[str, Any]:
+        """Whole-model settings of wq.quantize_model (transforms and the plan), beside the algorithm's."""
+        return {"rotate": self.rotate, "bits_budget": self.bits_budget,
+                "bits_candidates": self.bits_candidates or None, "budget_samples": self.budget_samples,
+                "budget_format": self.format[0] if self.format else None, "e2e_steps": self.e2e_steps,
+                "e2e_lr": self.e2e_lr}
 
     # -------------------------------------------------------------------------------- CLI
     @classmethod
@@ -172,3 +202,19 @@ def _field_type(annotation: str):
     if "float" in a:
         return float
     return str
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"  # the bundled recipes (a source checkout)
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """A recipe path as given, or a bundled recipe's bare name ("fast" -> configs/fast.yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = RECIPES_DIR / f"{name}.yaml"
+    if not path.suffix and bundled.exists():
+        return bundled
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise FileNotFoundError(f"recipe {name!r} not found: give a YAML file or one of the bundled recipes "
+                            f"({', '.join(known) or 'none found next to the package'})")

@@ -94,7 +94,8 @@ def save(model: nn.Module, out: str | os.PathLike, format: str | list[str] | Non
         from .cast import save_cast
 
         return save_cast(model, out, tokenizer=tokenizer, config=config, overwrite=overwrite, extra=extra)
-    formats = [format] if isinstance(format, str) else list(format or [default_format(quant["scheme"])])
+    budget_fmt = (quant.get("bits_budget") or {}).get("format")  # the format whose bits the budget counted
+    formats = [format] if isinstance(format, str) else list(format or [budget_fmt or default_format(quant["scheme"])])
     formats = [float_format_name(f, quant["scheme"]) for f in formats]
     formats = list(dict.fromkeys(formats))
     for name in formats:

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face hub id or local directory; omit or 'default' for the bundled "
                    "SmolLM2-135M-Instruct (offline)")
-    p.add_argument("--recipe", metavar="YAML", help="a YAML recipe of these settings (see configs/); flags "
-                   "given on the command line override it")
+    p.add_argument("--recipe", metavar="NAME|YAML", help="a YAML recipe of these settings, or a bundled one by "
+                   "name: fast, balanced, best (configs/; docs/quality.md gives their cost); flags given on the "
+                   "command line override it")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     QuantConfig.add_arguments(p)
@@ -61,9 +62,12 @@ def config_from_argv(argv: list[str] | None) -> tuple[QuantConfig, argparse.Name
     args = parser.parse_args(argv)
     base = None
     if args.recipe:
-        if not Path(args.recipe).exists():
-            raise UserError(f"recipe {args.recipe} not found")
-        base = QuantConfig.from_yaml(args.recipe)
+        from .config import resolve_recipe
+
+        try:
+            base = QuantConfig.from_yaml(resolve_recipe(args.recipe))
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
     cfg = QuantConfig.from_args(args, base)
     if args.model is not None:
         cfg.model = args.model
@@ -99,6 +103,23 @@ def validate(cfg: QuantConfig) -> None:
         parse_overrides(cfg.override)
     except ValueError as e:
         raise UserError(str(e)) from None
+    from .algorithms.awq import QUANTIZERS
+    from .algorithms.recon import INITS
+
+    if cfg.algo == "recon" and cfg.init not in INITS:
+        raise UserError(f"--init {cfg.init}: choose one of {', '.join(INITS)}")
+    if cfg.algo == "awq" and cfg.quantizer not in QUANTIZERS:
+        raise UserError(f"--quantizer {cfg.quantizer}: choose one of {', '.join(QUANTIZERS)}")
+    cast = [f for f, on in (("--rotate", cfg.rotate), ("--e2e-steps", bool(cfg.e2e_steps))) if on]
+    if cast and cfg.bits_budget is None and QuantScheme.parse(cfg.scheme).is_cast:
+        raise UserError(f"{' and '.join(cast)} with {cfg.scheme}: a float cast takes neither; give a W<bits>G<group> "
+                        "scheme")
+    if cfg.bits_budget is not None:
+        for c in cfg.bits_candidates:
+            QuantScheme.parse(c)  # SchemeError shows the grammar
+        if len(cfg.format) > 1:
+            log.warning("--bits-budget counts the bits of the first --format (%s); the others may differ slightly",
+                        cfg.format[0])
     if not cfg.output:
         raise UserError("no output directory: pass -o OUT")
     from .loading.source import resolve_source
@@ -143,7 +164,7 @@ def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
 
     algo = ALGORITHMS.get(cfg.algo)
     calib = (cfg.nsamples, cfg.seqlen, getattr(algo, "granularity", "") == "block") if algo.needs_calibration else None
-    staged = stages(cfg)
+    staged = stages(cfg) and not in_memory_reason(cfg)
     try:
         return peak_disk_bytes(path, cfg.scheme, skip=cfg.skip, override=cfg.override,
                                formats=max(1, len(cfg.format)), calibration=calib, staged=staged)
@@ -154,12 +175,25 @@ def needed_bytes(cfg: QuantConfig, path: str) -> int | None:
         return None
 
 
+def in_memory_reason(cfg: QuantConfig) -> str | None:
+    """Why this run needs the whole model in memory (the streamed and model-free paths see one block, or one
+    tensor, at a time), or None. AWQ and recon change only their own block, so they stream."""
+    why = {"--rotate": "rotation touches the embeddings, every block and the head",
+           "--bits-budget": "the sensitivity measurement backpropagates through the whole model",
+           "--e2e-steps": "end-to-end scale tuning runs the whole model"}
+    on = [f for f, set_ in (("--rotate", cfg.rotate), ("--bits-budget", cfg.bits_budget is not None),
+                            ("--e2e-steps", bool(cfg.e2e_steps))) if set_]
+    return "; ".join(f"{f}: {why[f]}" for f in on) or None
+
+
 def tokenizer_reason(cfg: QuantConfig) -> str | None:
     """Why this run needs the model's tokenizer (rtn and FP8 need none), or None."""
     from .algorithms import ALGORITHMS
 
     if ALGORITHMS.get(cfg.algo).needs_calibration:
         return f"--algo {cfg.algo} calibrates on text"
+    if cfg.bits_budget is not None or cfg.e2e_steps:
+        return f"{'--bits-budget' if cfg.bits_budget is not None else '--e2e-steps'} runs calibration text through the model"
     if QuantScheme.parse(cfg.scheme).fmt == "fp16":
         return "the FP16 audit runs text through the model"
     if cfg.eval:
@@ -261,11 +295,14 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     from .calib.distributed import init_from_env, is_main
 
     device = init_from_env(cfg.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # torchrun: join
-    if cfg.model_free and is_main():
+    whole = in_memory_reason(cfg)
+    if whole and (cfg.stream or cfg.model_free):
+        log.info("loading the model whole (as --no-stream): %s", whole)
+    if cfg.model_free and is_main() and not whole:
         done = run_model_free(cfg, progress=progress, t0=t0)
         if done is not None:
             return done
-    if cfg.stream and not QuantScheme.parse(cfg.scheme).is_cast:
+    if cfg.stream and not whole and not QuantScheme.parse(cfg.scheme).is_cast:
         from .loading.shards import ShardError
         from .loading.skeleton import StreamError
 
@@ -284,7 +321,7 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     report = wq.quantize_model(
         model, cfg.scheme, algo=cfg.algo, calib=calib, tokenizer=tok, skip=cfg.skip, override=cfg.override,
         device=device if device != "cpu" else None, progress=progress, strict=cfg.strict, **_calib_args(cfg),
-        **cfg.algo_args(),
+        **cfg.algo_args(), **cfg.model_args(),
     )
     after = model_bytes(model)
     dirs = []
@@ -297,6 +334,10 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
     if is_main():
         clear_checkpoint(cfg.output)  # the resume state of a calibrated run is no longer needed
     summary = summary_table(report, before, after, time.perf_counter() - t0, dirs)
+    if model.wq_quant.get("bits_budget"):
+        from .budget import budget_table
+
+        summary += "\n" + budget_table(model.wq_quant["bits_budget"])
     return {"report": report, "dirs": dirs, "summary": summary, "model": model, "tokenizer": tok}
 
 
@@ -455,8 +496,8 @@ def _calib_args(cfg: QuantConfig) -> dict:
     """Calibration settings, passed only to calibrated algorithms."""
     from .algorithms import ALGORITHMS
 
-    if not ALGORITHMS.get(cfg.algo).needs_calibration:
-        return {}
+    if not ALGORITHMS.get(cfg.algo).needs_calibration:  # --bits-budget / --e2e-steps still use nsamples x seqlen
+        return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen} if cfg.bits_budget is not None or cfg.e2e_steps else {}
     return {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "batch_size": cfg.batch_size,
             "low_mem": cfg.low_mem, "resume": cfg.resume, "output": cfg.output}
 

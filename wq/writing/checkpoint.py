@@ -43,7 +43,7 @@ def wq_meta(quant: dict, config: Any, **fields) -> dict:
     return {"scheme": quant["scheme"], "algo": quant["algo"],
             "recipe": config.to_dict() if hasattr(config, "to_dict") else config, "versions": versions(),
             "report": quant.get("report"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **fields}
+            **{k: quant[k] for k in ("rotation", "bits_budget") if quant.get(k) is not None}, **fields}
 
 
 class FormatWriter:
