@@ -116,7 +116,9 @@ def _rank(rank: int, world: int, store: str, q) -> None:
         res = recon_block(block, plan, [xs[i] for i in mine], [kwargs[0]] * len(mine), [ys[i] for i in mine],
                           iters=8, init="gptq")
         if rank == 0:
-            q.put({n: r.packed.dequantize() for n, r in res.items()})
+            # numpy arrays pickle by value: a torch tensor would travel as a shared-memory fd that the parent
+            # can no longer fetch once this process has exited
+            q.put({n: r.packed.dequantize().numpy() for n, r in res.items()})
     finally:
         dist.destroy_process_group()
 
@@ -137,7 +139,7 @@ def test_two_processes_equal_one(tmp_path):
     procs = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "store"), q)) for r in range(2)]
     for p in procs:
         p.start()
-    two = q.get(timeout=300)
+    two = {n: torch.from_numpy(a) for n, a in q.get(timeout=300).items()}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
