@@ -75,8 +75,21 @@ class _FakeQuant(torch.autograd.Function):
         return None, du, ds, dz, None
 
 
+class _Snapshots:
+    """Keep and bring back the best iterate of a layer's learnable tensors (those `params()` returns)."""
+
+    @torch.no_grad()
+    def snapshot(self) -> list[Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    @torch.no_grad()
+    def restore(self, saved: list[Tensor]) -> None:
+        for p, s in zip(self.params(), saved):
+            p.copy_(s)
+
+
 @dataclass
-class _Target:
+class _Target(_Snapshots):
     """One Linear's learnable rounding state; weights in the grouped, zero-padded view."""
 
     name: str  # relative to the block, e.g. "self_attn.q_proj"
@@ -134,15 +147,6 @@ class _Target:
         for p in (self.alpha, self.beta):
             if p is not None:
                 p.clamp_(min_range, 1.0)
-
-    @torch.no_grad()
-    def snapshot(self) -> list[Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    @torch.no_grad()
-    def restore(self, saved: list[Tensor]) -> None:
-        for p, s in zip(self.params(), saved):
-            p.copy_(s)
 
     @torch.no_grad()
     def finalize(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -43,6 +43,7 @@ from .autoround import (
     _collate,
     _FakeQuant,
     _samples,
+    _Snapshots,
     _ste_fp16,
     _ste_round,
     _to_device,
@@ -61,7 +62,7 @@ _FRAC = 0.45  # how much of W's own rounding fraction the offsets keep at init (
 
 
 @dataclass
-class _Layer:
+class _Layer(_Snapshots):
     """One Linear's trainable quantizer, in the grouped, zero-padded view [out, ng, G]."""
 
     name: str
@@ -106,15 +107,6 @@ class _Layer:
         s, z = self.qparams()
         w_hat = _FakeQuant.apply(self.wg, self.v, s, z, self.scheme.maxq).flatten(1)
         return w_hat[:, : self.w.shape[1]]
-
-    @torch.no_grad()
-    def snapshot(self) -> list[Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    @torch.no_grad()
-    def restore(self, saved: list[Tensor]) -> None:
-        for p, s in zip(self.params(), saved):
-            p.copy_(s)
 
     @torch.no_grad()
     def finalize(self) -> QuantResult:
