@@ -129,7 +129,10 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- ppl `{ds}`: {proto}")
     ts = s.get("tasks") or {}
     if tasks:
-        lines.append(f"- tasks: limit {ts.get('limit')}, batch {ts.get('batch_size')}, BOS {ts.get('add_bos')}, "
+        docs = f"first {ts['limit']} docs" if ts.get("limit") else "all docs"
+        if ts.get("local_docs"):
+            docs += f" (local tasks: {ts['local_docs']} generated)"
+        lines.append(f"- tasks: {docs} per task, batch {ts.get('batch_size')}, BOS {ts.get('add_bos')}, "
                      f"fewshot {ts.get('num_fewshot') or 0}")
     lines.append("")
     head = ["model", "algorithm", "scheme", "bits/weight"] + [f"ppl {d}" for d in datasets] + [f"{t} acc" for t in tasks]

@@ -302,6 +302,9 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(args.quant[0], "eval")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from wq.heap import keep_freed_memory
+    keep_freed_memory()  # every forward re-allocates the same buffers: reuse them (wq/heap.py)
+
     try:  # evaluate() checks the task names and model paths before it loads anything
         with logging_redirect_tqdm():  # log lines above the progress bars, not inside them
             report = evaluate(

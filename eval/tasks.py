@@ -10,6 +10,7 @@ bool, passed to HFLM and recorded in the report.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -170,6 +171,25 @@ def check_tasks(tasks, n_local_docs: int = 500) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval's INFO/WARNING lines about a pre-built model (which is how eval hands it over) and its
+    `git describe` (which prints "fatal: not a git repository" outside a clone) say nothing to a wq user:
+    keep its errors, drop the rest, record no git hash."""
+    import lm_eval.evaluator as ev
+    logger = logging.getLogger("lm_eval")
+    level, git_hash = logger.level, getattr(ev, "get_git_commit_hash", None)
+    logger.setLevel(logging.ERROR)
+    if git_hash is not None:
+        ev.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if git_hash is not None:
+            ev.get_git_commit_hash = git_hash
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -193,12 +213,13 @@ def run_tasks(
         return {"tasks": {}, "settings": {}}
     include, tm = _manager_for(names, n_local_docs)
     bos = resolve_add_bos(tokenizer, add_bos)
-    lm = _make_lm(model, tokenizer, batch_size=batch_size, add_bos=bos, max_length=max_length,
-                  rank=rank, world_size=world_size)
-    results = simple_evaluate(
-        model=lm, tasks=names, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
-        task_manager=tm, log_samples=False, bootstrap_iters=bootstrap_iters, verbosity="WARNING",
-    )
+    with _quiet_lm_eval():
+        lm = _make_lm(model, tokenizer, batch_size=batch_size, add_bos=bos, max_length=max_length,
+                      rank=rank, world_size=world_size)
+        results = simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
+            task_manager=tm, log_samples=False, bootstrap_iters=bootstrap_iters,
+        )
     if rank != 0:
         return None
     settings = {"tasks": names, "batch_size": batch_size, "limit": limit, "add_bos": bos,

@@ -77,3 +77,11 @@ def test_plot_axis_and_points():
     pts = R._points(rep, "ppl", "prideprejudice")
     assert [(n, a) for _, _, n, a in pts] == [("W4G128", "rtn"), ("W2G128", "gptq")]
     assert R.axis_scale([20.0, 27.0, 76.0]) == "linear" and R.axis_scale([20.0, 30000.0]) == "log"
+
+
+def test_markdown_names_how_many_docs_were_scored():
+    rep = _report()
+    assert "- tasks: all docs per task" in R.to_markdown(rep)
+    rep["settings"]["tasks"] = {"limit": 30, "local_docs": 500, "batch_size": 8, "add_bos": False}
+    line = [x for x in R.to_markdown(rep).splitlines() if x.startswith("- tasks:")][0]
+    assert line.startswith("- tasks: first 30 docs (local tasks: 500 generated) per task, batch 8")

@@ -42,3 +42,13 @@ def test_releasing_a_streamed_block_trims(monkeypatch, tmp_path):
     sk.load_block(0, "cpu", torch.float32)
     sk.release_block(0)
     assert calls == [1] and all(p.device.type == "meta" for p in sk.blocks[0].parameters())
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_sets_glibc_options(monkeypatch):
+    seen = []
+    monkeypatch.setattr(heap, "_mallopt", lambda: lambda p, v: seen.append((p, v)) or 1)
+    assert heap.keep_freed_memory(mmap_threshold=1 << 20) is True
+    assert (heap._M_MMAP_THRESHOLD, 1 << 20) in seen and len(seen) == 3
+    monkeypatch.setattr(heap, "_mallopt", lambda: None)
+    assert heap.keep_freed_memory() is False

@@ -73,7 +73,8 @@ class QuantConfig:
     model_free: bool = _f(True, "rtn, FP8 and BF16 go tensor by tensor through the shards without building the model "
                           "(FP16 too when the model does not fit in memory; its activation audit needs the model)")
     stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "
-                      "on disk, so memory does not grow with the model; --no-stream loads it whole first")
+                      "on disk, so memory does not grow with the model; --no-stream loads it whole first (rtn, FP8 and "
+                      "BF16 still go model-free unless --no-model-free is given too)")
     hessian_budget: float = _f(4.0, "gptq: GiB of Hessians held at once; a block needing more is calibrated in "
                                "several passes (same result)")
     resume: bool = _f(False, "continue an interrupted calibrated run from its last finished block")
