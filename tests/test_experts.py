@@ -24,7 +24,7 @@ def _ids(n=2, t=16, seed=2):
 
 
 @pytest.mark.parametrize("arch", zoo.MOE)
-def test_unfuse_is_exact(arch):
+def test_unfuse_matches_the_fused_module(arch):
     model = zoo.build(arch)
     with torch.no_grad():
         ref = model(_ids()).logits
@@ -35,7 +35,11 @@ def test_unfuse_is_exact(arch):
         assert len(q.experts()) == mod.down_proj.shape[0]
         model.set_submodule(name, q)
     with torch.no_grad():
-        assert torch.equal(model(_ids()).logits, ref)
+        out = model(_ids()).logits
+    # Equal up to fp32 summation order: transformers' fused paths (grouped_mm by default since 5.2x, and its
+    # eager loop's concatenated gate_up matmul) round differently from per-expert linears by ~2e-7, while a
+    # wrong expert, row order or gate/up split moves the logits by ~1e-1.
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
 
 
 def test_expert_rows_are_the_fused_rows():
