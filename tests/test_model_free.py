@@ -79,3 +79,20 @@ def test_cli_takes_the_model_free_path_for_rtn(tmp_path, caplog):
         assert main([str(src), "--scheme", "W4G128", "-o", str(tmp_path / "o"), "--no-progress"]) == 0
     assert any("model-free" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "o" / "wq.json").read_text())["model_free"] is True
+
+
+def test_plain_tensors_are_never_read_into_memory(tmp_path, monkeypatch):
+    """Embeddings and norms go from the source shards to the checkpoint file to file; only the weights that
+    are quantized are read (the embedding of a 405B model is 2 GiB)."""
+    from wq.loading.shards import ShardFile, ShardReader
+
+    src = tmp_path / "src"
+    zoo.build("llama").save_pretrained(src, max_shard_size="60KB")
+    read = []
+    real_get, real_file_get = ShardReader.get, ShardFile.get
+    monkeypatch.setattr(ShardReader, "get", lambda self, n, *a, **k: read.append(n) or real_get(self, n, *a, **k))
+    monkeypatch.setattr(ShardFile, "get", lambda self, n: read.append(n) or real_file_get(self, n))
+    quantize_model_free(src, "W4G128", tmp_path / "mf", progress=False)
+    assert read and all(n.endswith(".weight") and ".layers." in n and "norm" not in n or
+                        n.endswith(("qweight", "scales", "zeros")) for n in read), read
+    assert not [n for n in read if "embed" in n]

@@ -136,3 +136,36 @@ def test_shard_writer_holds_no_tensor_in_memory(tmp_path):
     assert w.close() == ["model.safetensors"]
     back = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(back["t"], t) and back["single"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_stored_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kernel):
+    """Plain tensors pass from a checkpoint into a new shard without being read into memory (StoredTensor),
+    interleaved with in-memory ones, in the kernel or (where copy_file_range fails) in plain pieces."""
+    import os
+
+    from wq.loading.shards import StoredTensor
+    from wq.writing.shards import ShardWriter
+
+    tensors = _mixed()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = ShardReader(tmp_path)
+    if not kernel:
+        def refuse(*a, **k):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(ShardReader, "get", lambda *a, **k: pytest.fail("read into memory"))
+    out = tmp_path / "out"
+    out.mkdir()
+    w = ShardWriter(out, max_bytes=1200)
+    for i, k in enumerate(tensors):
+        st = reader.stored(k)
+        assert isinstance(st, StoredTensor) and st.nbytes == tensors[k].numel() * tensors[k].element_size()
+        w.add(k, st)
+        w.add(f"extra.{i}", torch.full((3,), float(i)))  # in-memory tensors in between
+    back = {}
+    for f in w.close():
+        back.update(load_file(str(out / f)))
+    for k, v in tensors.items():
+        assert torch.equal(back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    assert all(back[f"extra.{i}"].tolist() == [float(i)] * 3 for i in range(len(tensors)))

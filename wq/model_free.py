@@ -11,8 +11,8 @@ for it; the same --skip / --override patterns as the model path (routers and lm_
 default). What that rule cannot see, the run refuses rather than guesses (the CLI then takes the
 streamed model path): GPT-2-style Conv1D weights (stored transposed) and fused 3-D MoE expert tensors.
 
-Tensors are read one at a time, quantized (or cast) and staged per source shard, each written to disk
-as it is made; the staged parts are then written in each requested format, one layer in memory at a time.
+Weights are read one at a time, quantized (or cast) and staged per source shard, each written to disk
+as it is made (every other tensor is copied file to file without being read into memory); the staged parts are then written in each requested format, one layer in memory at a time.
 """
 
 from __future__ import annotations
@@ -164,9 +164,9 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
             part.mkdir()
             staged = ShardWriter(part, max_bytes=2**62)  # one file per source shard, written tensor by tensor
             for name in by_file[f]:
-                t = reader.get(name)
                 module = name.rpartition(".")[0]
                 if module in plan and name.endswith(".weight"):
+                    t = reader.get(name)
                     sch = plan[module]
                     t1 = time.perf_counter()
                     res = fp8_result(t, sch, name=module) if sch.is_fp8 else algorithm.quantize_weight(t, sch)
@@ -179,10 +179,12 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
                     report.layers[module] = LayerReport(scheme=str(sch), error=res.error, seconds=time.perf_counter() - t1,
                                                         bytes_before=t.numel() * t.element_size(),
                                                         bytes_after=pw.nbytes(), stats=res.stats)
-                else:
-                    staged.add(name, t)  # biases of quantized layers stay under their own name too
+                else:  # copied file to file, never in memory (embeddings); biases keep their own name too
+                    t = reader.stored(name)
+                    staged.add(name, t if t is not None else reader.get(name))
                 bar.update(1)
                 trimmer.tick(t.numel() * t.element_size())
+                del t
             parts.append(("", part / staged.close()[0]))
             reader.close_file(f)  # done with this source shard
         bar.close()

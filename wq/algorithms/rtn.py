@@ -10,18 +10,24 @@ from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
 
-ROWS_AT_ONCE = 2**22  # weight elements per slice of output rows: bounds the fp32 temporaries (~16 MiB each)
+ROWS_AT_ONCE = 2**19  # CPU: weight elements per slice of output rows (fp32 temporaries of 2 MiB, kept in cache)
+ROWS_AT_ONCE_ACCEL = 2**24  # GPUs: large slices (few kernel launches)
 
 
-def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False, max_elements: int = ROWS_AT_ONCE) -> QuantResult:
+def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False, max_elements: int | None = None) -> QuantResult:
     """w: [out, in] -> codes rounded to nearest under min-max (or MSE-searched) group ranges.
 
-    Rows are independent, so the weight is quantized a slice of output rows at a time: the same codes,
-    scales and zeros as all at once, with temporaries of one slice instead of ~8 fp32 copies of the whole
-    weight (measured: +359 MiB peak for one 5632 x 2048 weight, 16x its bf16 size)."""
+    Rows are independent, so the weight is quantized and packed a slice of output rows at a time: the same
+    tensors as all at once, with temporaries of one slice instead of ~8 fp32 copies of the whole weight and
+    whole-weight int32 codes (measured: +359 MiB peak for one 5632 x 2048 weight, 16x its bf16 size, before
+    slicing; +260 MiB with slicing but whole-weight codes; wq/heap.py)."""
     w = w.detach()
+    if max_elements is None:
+        max_elements = ROWS_AT_ONCE if w.device.type == "cpu" else ROWS_AT_ONCE_ACCEL
     rows = max(1, max_elements // max(w.shape[1], 1))
-    codes, scales, zeros = [], [], []
+    if rows < w.shape[0]:
+        rows = max(8, rows // 8 * 8)  # whole bytes of 4-bit zero points per slice in every format
+    parts: list[PackedWeight] = []
     err_sq = ref_sq = 0.0
     for r in range(0, w.shape[0], rows):
         ws = w[r:r + rows].float()  # [rows, in]
@@ -31,11 +37,9 @@ def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False, max_eleme
         err_sq += float((ws - w_hat).pow(2).sum())
         ref_sq += float(ws.pow(2).sum())
         del ws, w_hat
-        codes.append(q)
-        scales.append(scale)
-        zeros.append(zero)
-    q, scale, zero = (torch.cat(t) if len(t) > 1 else t[0] for t in (codes, scales, zeros))
-    return QuantResult(PackedWeight.from_codes(q, scale, zero, scheme), (err_sq / max(ref_sq, 1e-24)) ** 0.5)
+        parts.append(PackedWeight.from_codes(q, scale, zero, scheme))
+        del q
+    return QuantResult(PackedWeight.cat_out(parts), (err_sq / max(ref_sq, 1e-24)) ** 0.5)
 
 
 @ALGORITHMS.register("rtn")

@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,27 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
           "U32": torch.uint32, "U64": torch.uint64}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor left where it is stored: `nbytes` bytes at `offset` of `file`. A writer copies it file to file
+    (in the kernel) without it ever being in memory: how plain tensors (embeddings, norms) pass through."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
 
 
 class ShardError(UserError, ValueError):
@@ -111,6 +133,12 @@ class ShardFile:
                 raise ShardError(f"{self.file}: the file ended inside {name}; it is truncated: download it again")
             done += got
         return t
+
+    def stored(self, name: str) -> StoredTensor:
+        """Where `name`'s bytes are, without reading them."""
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        return StoredTensor(self.file, self.start + begin, end - begin, DTYPES[e["dtype"]], tuple(e["shape"]))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -202,6 +230,14 @@ class ShardReader:
             scale = self._handle(self.weight_map[name + "_scale_inv"]).get(name + "_scale_inv")
             t = dequantize_fp8_blocks(t, scale, self.fp8_block)
         return t.to(device)
+
+    def stored(self, name: str) -> StoredTensor | None:
+        """Where `name` is stored (for a file-to-file copy), or None when reading changes it (FP8 block-scaled
+        weights are dequantized by get)."""
+        st = self._handle(self.weight_map[name]).stored(name)
+        if st.dtype in _FP8 and self.fp8_block and (name + "_scale_inv") in self.weight_map:
+            return None
+        return st
 
     def get_many(self, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
         """Several tensors, read file by file."""

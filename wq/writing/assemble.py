@@ -118,7 +118,9 @@ def assemble(parts: list[tuple[str, Path]], targets: dict[str, Path], *, names, 
         for key_prefix, file in parts:
             part = ShardFile(file)
             for keys in _by_layer(part.keys(), key_prefix, schemes):
-                plain, packed, biases = _split({k: part.get(k) for k in keys}, key_prefix, schemes, shapes)
+                # plain tensors (embeddings, norms) are copied file to file (StoredTensor), never read into memory
+                sd = {k: part.get(k) if (key_prefix + k).rpartition(".")[0] in schemes else part.stored(k) for k in keys}
+                plain, packed, biases = _split(sd, key_prefix, schemes, shapes)
                 writer.add(plain, packed, biases)
             part.close()
         writer.finish(config, quant, unquantized=unquantized, tokenizer=tokenizer,

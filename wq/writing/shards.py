@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading.shards import DTYPES
+from ..loading.shards import DTYPES, StoredTensor
 
 MAX_SHARD_BYTES = 4 * 1024**3
 _NAMES = {v: k for k, v in DTYPES.items()}  # torch dtype -> safetensors dtype string
@@ -45,8 +45,10 @@ class _OpenShard:
     def _data(self, align: int) -> Path:
         return self.target / f"{self.stem}.data{align}"
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().cpu().contiguous()
+    def add(self, name: str, t: torch.Tensor | StoredTensor) -> None:
+        stored = isinstance(t, StoredTensor)
+        if not stored:
+            t = t.detach().cpu().contiguous()
         if t.dtype not in _NAMES:
             raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
         align = t.element_size()
@@ -55,7 +57,10 @@ class _OpenShard:
             fh = self.files.get(align)
             if fh is None:
                 fh = self.files[align] = open(self._data(align), "wb")  # noqa: SIM115 (closed in write())
-            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            if stored:
+                _copy_range(t, fh)
+            else:
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         start = self.sizes[align]
         self.entries[name] = (align, start, start + n, _NAMES[t.dtype], list(t.shape))
         self.sizes[align] += n
@@ -89,6 +94,33 @@ class _OpenShard:
             self._data(a).unlink(missing_ok=True)
 
 
+def _copy_range(t: StoredTensor, out) -> None:
+    """Append t's bytes from its file to the open file `out` (flushed before and after): in the kernel where it
+    can, else in 16 MiB pieces; never the whole tensor in memory."""
+    if t.nbytes != t.numel() * t.element_size():
+        raise ValueError(f"{t.file}: {t.nbytes} bytes for shape {list(t.shape)} ({t.dtype}); the file is corrupt")
+    left, pos = t.nbytes, t.offset
+    kernel = hasattr(os, "copy_file_range")
+    out.flush()
+    with open(t.file, "rb") as f:
+        while left > 0:
+            if kernel:
+                try:
+                    n = os.copy_file_range(f.fileno(), out.fileno(), min(left, 1 << 30), pos)
+                except OSError:  # not between these file systems: plain copies from here on
+                    kernel = False
+                    continue
+            else:
+                chunk = os.pread(f.fileno(), min(left, 16 << 20), pos)
+                n = len(chunk)
+                out.write(chunk)
+            if n == 0:
+                raise OSError(f"{t.file}: the file ended {left} bytes before its tensor did; it is truncated")
+            left -= n
+            pos += n
+    out.flush()
+
+
 def _append(src: Path, out) -> None:
     """Copy the file `src` to the end of the open file `out` (in the kernel where it can)."""
     with open(src, "rb") as f:
@@ -117,7 +149,8 @@ class ShardWriter:
         self.total = 0
         self._names: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        """Write `tensor`'s bytes now (a StoredTensor is copied file to file, never read into memory)."""
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
