@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..algorithms.rtn import rtn_quantize
+from ..heap import trim
 from ..kernels.dispatch import exact_kernels
 from ..nn import QuantExperts, QuantLinear, set_module
 from ..scheme import QuantScheme
@@ -529,7 +530,9 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
                 raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
             # [in, in]; algorithms must not modify it in place (it may be shared)
             hessian[rel] = fallback[rel][0] if rel in fallback else H[alias[rel]]
-        for rels in _batches(block, group, algorithm):
+        batches = _batches(block, group, algorithm)
+        last_use = {id(hessian[rel]): j for j, rels in enumerate(batches) for rel in rels}
+        for j, rels in enumerate(batches):
             t = time.perf_counter()
             ws = [block.get_submodule(rel).weight.detach().float() for rel in rels]  # [out, in] each
             many = (algorithm.quantize_weights(ws, group[rels[0]], Hs=[hessian[r] for r in rels])
@@ -544,6 +547,18 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
                     res.stats["hessian"] = fallback[rel][1]
                 results[rel] = res
                 seconds[rel] = dt
+            del ws, many
+            for rel in rels:  # a Hessian whose last Linear is done is dropped now (down_proj's is the largest)
+                h = hessian.get(rel)
+                if h is not None and last_use[id(h)] == j:
+                    for key in [k for k, v in H.items() if v is h]:
+                        del H[key]
+                    for other in [r for r, v in hessian.items() if v is h]:
+                        del hessian[other]
+                    del h
+            for key in [k for k, v in fallback.items() if k not in hessian]:
+                del fallback[key]
+            trim()  # the layer's temporaries go back to the OS before the next (larger) one
         del H, hessian
     return results, seconds
 

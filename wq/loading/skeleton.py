@@ -161,6 +161,7 @@ class Skeleton:
                 if p is not None and p.device.type != "meta":
                     mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                           requires_grad=p.requires_grad)
+        trim()  # the embedding is often the largest tensor of the run: its pages go back now
 
     def load_block(self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
         """Block i with its tensors read from the shards (on `device`, floating tensors in `dtype` if given,
