@@ -137,3 +137,24 @@ def test_relative_output_error_on_a_row_sample_is_close():
     assert exact["loss"] == sampled["loss"]  # the loss itself is always over every row
     assert exact["output_error"] == pytest.approx(exact["rtn_output_error"], rel=1e-5)  # w_hat is rtn here
     assert sampled["output_error"] == pytest.approx(exact["output_error"], rel=0.1)
+
+
+@pytest.mark.parametrize("out_f", [300, 1200])
+def test_stats_from_row_slices_equal_the_whole_weight(out_f):
+    """gptq's summary numbers come from the packed result a slice of rows at a time: the same as from the whole
+    dequantized weight (weight error, loss, sampled output errors)."""
+    from wq.algorithms.gptq import _objective, _objective_packed
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(out_f, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    H = 2 * x.t() @ x / 256
+    s = QuantScheme.parse("W4G32")
+    packed = rtn_quantize(w, s).packed
+    w_hat = packed.dequantize()
+    error, stats = _objective_packed(w, packed, H, s, False, rows=100)
+    whole = _objective(w, w_hat, H, s, False, rows=100)
+    assert error == pytest.approx(float((w - w_hat).norm() / w.norm()), rel=1e-5)
+    for k in ("loss", "output_error", "rtn_output_error"):
+        assert stats[k] == pytest.approx(whole[k], rel=1e-4), k
+    assert packed.rows(10, 20).dequantize().equal(w_hat[10:20])

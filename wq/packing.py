@@ -137,6 +137,11 @@ class PackedWeight:
                    zeros=torch.cat([p.zeros for p in parts], 1), scheme=first.scheme, in_features=first.in_features,
                    out_features=sum(p.out_features for p in parts))
 
+    def rows(self, start: int, stop: int) -> PackedWeight:
+        """Output rows [start, stop) as a PackedWeight of their own (views: output rows are columns here)."""
+        return replace(self, qweight=self.qweight[:, start:stop], scales=self.scales[:, start:stop],
+                       zeros=self.zeros[:, start:stop], out_features=stop - start)
+
     @property
     def group(self) -> int:
         return self.scheme.group_for(self.in_features)

@@ -143,8 +143,7 @@ def gptq_quantize(
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)  # lazy update of everything after the block
     del Wt, U
-    Q = Qt.t().to(torch.int32)  # [out, in]
-    del Qt
+    Q = Qt.t()  # [out, in] uint8 codes (packed without a whole int32 copy)
     g_idx = None
     if act_order:
         inv = torch.argsort(perm)
@@ -152,8 +151,28 @@ def gptq_quantize(
         if not static:
             g_idx = torch.tensor(col_group, device=Q.device, dtype=torch.int32)[inv]
     packed = PackedWeight.from_codes(Q, scale, zero, scheme, g_idx=g_idx)
-    w_hat = packed.dequantize(torch.float32)  # [out, in]
-    return QuantResult(packed, P.relative_error(w, w_hat), {**_objective(w, w_hat, H0, scheme, mse), "damp": used_damp})
+    del Q, Qt
+    error, stats = _objective_packed(w, packed, H0, scheme, mse)
+    return QuantResult(packed, error, {**stats, "damp": used_damp})
+
+
+def _objective_packed(w: Tensor, packed: PackedWeight, H: Tensor, scheme: QuantScheme, mse: bool,
+                      rows: int = 512) -> tuple[float, dict]:
+    """(relative weight error, _objective's stats) from the packed result, dequantized `rows` output rows at a
+    time: never a whole [out, in] copy of the weight or of its error (two fewer weight-sized temporaries)."""
+    W0, H = w.float(), H.float()
+    out_f = W0.shape[0]
+    step = -(-out_f // rows)
+    loss = err_sq = 0.0
+    sampled = []
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        e = W0[r0:r1] - packed.rows(r0, r1).dequantize(torch.float32)  # [rows, in]
+        loss += float((e @ H * e).sum())
+        err_sq += float(e.pow(2).sum())
+        sampled.append(e[-r0 % step::step])  # the rows whose index is a multiple of step
+    error = (err_sq ** 0.5) / max(float(W0.norm()), 1e-12)
+    return error, _sampled_objective(W0, torch.cat(sampled), H, scheme, mse, step, loss)
 
 
 def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, rows: int = 512) -> dict:
@@ -165,7 +184,13 @@ def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bo
     E = W0 - w_hat
     loss = sum(float((e @ H * e).sum()) for e in E.split(512))  # [512, in] at a time, whatever `rows` is
     step = -(-W0.shape[0] // rows)
-    Ws, Es = W0[::step], E[::step]
+    return _sampled_objective(W0, E[::step], H, scheme, mse, step, loss)
+
+
+def _sampled_objective(W0: Tensor, Es: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, step: int,
+                       loss: float) -> dict:
+    """_objective's relative errors on every step-th row (Es: those rows of W0 - w_hat)."""
+    Ws = W0[::step]
     ref = float((Ws @ H * Ws).sum())
     E_rtn = Ws - rtn_quantize(Ws, scheme, mse=mse).packed.dequantize(torch.float32)  # rows are independent
     rtn_loss = float((E_rtn @ H * E_rtn).sum())
