@@ -524,6 +524,7 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
     for group in _hessian_groups(block, names, budget):
         H, count, alias = _accumulate(block, group, hidden, kwargs, dev)
         fallback = _expert_fallbacks(block, group, H, count, alias, hidden, kwargs, dev, min_tokens)
+        trim()  # the calibration forwards' activations are freed: their pages go back before gptq's work
         hessian = {}
         for rel in group:
             if rel not in alias and rel not in fallback:
