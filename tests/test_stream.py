@@ -135,6 +135,14 @@ def test_fp8_block_scaled_source_is_dequantized_on_read(tmp_path):
     assert "quant_method" in json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["quant_method"] == "wq"
     assert sum(isinstance(m, wq.nn.QuantLinear) for m in back.modules()) == 14
+    # model-free: an FP8 weight that is kept (skipped) is written dequantized, not copied as stored
+    from wq.model_free import quantize_model_free
+
+    quantize_model_free(src, "W4G128", tmp_path / "mf", skip=["lm_head", "o_proj"], progress=False)
+    kept = zoo.checkpoint_tensors(tmp_path / "mf")
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert kept[o].dtype == torch.bfloat16 and o + "_scale_inv" not in kept
+    torch.testing.assert_close(kept[o], dequantize_fp8_blocks(fp8[o], fp8[o + "_scale_inv"], [16, 16]))
 
 
 def test_interrupted_streamed_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):

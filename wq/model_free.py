@@ -12,7 +12,8 @@ default). What that rule cannot see, the run refuses rather than guesses (the CL
 streamed model path): GPT-2-style Conv1D weights (stored transposed) and fused 3-D MoE expert tensors.
 
 Weights are read one at a time, quantized (or cast) and staged per source shard, each written to disk
-as it is made (every other tensor is copied file to file without being read into memory); the staged parts are then written in each requested format, one layer in memory at a time.
+as it is made (every other tensor is copied file to file without being read into memory); the staged
+parts are then written in each requested format, one layer in memory at a time.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ def quantize_model_free(source: str | Path, scheme: QuantScheme | str, output: s
                                                         bytes_before=t.numel() * t.element_size(),
                                                         bytes_after=pw.nbytes(), stats=res.stats)
                 else:  # copied file to file, never in memory (embeddings); biases keep their own name too
-                    t = reader.stored(name)
-                    staged.add(name, t if t is not None else reader.get(name))
+                    st = reader.stored(name)  # None for FP8 block-scaled tensors: they are dequantized on read
+                    t = st if st is not None else reader.get(name)
+                    staged.add(name, t)
                 bar.update(1)
                 trimmer.tick(t.numel() * t.element_size())
                 del t
