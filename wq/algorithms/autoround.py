@@ -60,13 +60,17 @@ class _FakeQuant(torch.autograd.Function):
         inv_s = 1.0 / s
         qf = torch.round(wg * inv_s + v).add_(z)  # codes before clamping
         inside = (qf >= 0) & (qf <= maxq)  # straight-through region of the clamp
-        qz = qf.clamp_(0, maxq).sub_(z)  # q - z
-        ctx.save_for_backward(wg, qz, inside, inv_s, s)
-        return qz * s
+        qz = qf.clamp_(0, maxq).sub_(z)  # q - z: integers in [-maxq, maxq]
+        w_hat = qz * s
+        # kept for the backward as small integers (1 or 2 bytes instead of 4: the saved state of a block's
+        # every Linear is alive at once)
+        ctx.save_for_backward(wg, qz.to(torch.int8 if maxq <= 127 else torch.int16), inside, inv_s, s)
+        return w_hat
 
     @staticmethod
     def backward(ctx, g: Tensor):
         wg, qz, inside, inv_s, s = ctx.saved_tensors
+        qz = qz.float()
         du = (g * s).mul_(inside)  # d/du of round(u), u = wg/s + v
         # w_hat = qz * s with qz = clamp(round(wg/s + v) + z) - z:
         # ds = sum g*qz + sum du * (-wg/s^2);  dz = sum du - sum g*s (only where clamped: -g*s)
@@ -81,6 +85,12 @@ class _Snapshots:
     @torch.no_grad()
     def snapshot(self) -> list[Tensor]:
         return [p.detach().clone() for p in self.params()]
+
+    @torch.no_grad()
+    def save_into(self, saved: list[Tensor]) -> None:
+        """snapshot() into the tensors of an earlier snapshot (no new memory)."""
+        for p, s in zip(self.params(), saved):
+            s.copy_(p)
 
     @torch.no_grad()
     def restore(self, saved: list[Tensor]) -> None:
@@ -140,6 +150,14 @@ class _Target(_Snapshots):
         in_f = self.w.shape[1]
         w_hat = w_hat.flatten(1)
         return w_hat if w_hat.shape[1] == in_f else w_hat[:, :in_f]
+
+    @torch.no_grad()
+    def reset_to_rtn(self) -> None:
+        """Back to the starting point, round-to-nearest: no offsets, full ranges (no snapshot needed)."""
+        self.v.zero_()
+        for p in (self.alpha, self.beta):
+            if p is not None:
+                p.fill_(1.0)
 
     @torch.no_grad()
     def clamp_(self, min_range: float) -> None:
@@ -284,9 +302,8 @@ def autoround_block(
         # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
         rtn_per_sample = all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))  # V = 0: RTN
         rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
-        rtn_state = [t.snapshot() for t in states]
         best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
-        best = [t.snapshot() for t in states]
+        best: list[list[Tensor]] | None = None  # None: RTN (reset_to_rtn), no copy kept
         for it in range(iters + 1):  # iteration `iters` only evaluates the last update
             if len(order) < bs:
                 order += torch.randperm(total, generator=gen).tolist()
@@ -308,7 +325,11 @@ def autoround_block(
             score = loss_all / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
             if score < best_score:
                 best_score, best_iter = score, it
-                best = [t.snapshot() for t in states]
+                if best is None:
+                    best = [t.snapshot() for t in states]
+                else:  # into the same tensors: never two copies of every Linear's state at once
+                    for t, b in zip(states, best):
+                        t.save_into(b)
             if not need_grad:
                 break
             # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
@@ -317,11 +338,17 @@ def autoround_block(
             _sum_over_ranks(grads)
             step = lr * (1.0 - it / iters)  # linear decay to 0
             with torch.no_grad():
-                torch._foreach_add_(params, torch._foreach_sign(grads), alpha=-step)
+                torch._foreach_sign_(grads)  # in place: no second copy of every gradient
+                torch._foreach_add_(params, grads, alpha=-step)
+            del grads
             for t in states:
                 t.clamp_(min_range)
-        for t, b in zip(states, best):
-            t.restore(b)
+        for i, t in enumerate(states):
+            if best is None:
+                t.reset_to_rtn()
+            else:
+                t.restore(best[i])
+        del best
         best_loss = rtn_loss
         if best_iter > 0:  # confirm on every sample; few or large steps can win one minibatch only
             best_loss = sum(all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))) / total
@@ -329,8 +356,8 @@ def autoround_block(
                 log.info("autoround: iterate %d (loss %.4g) is not better than RTN (%.4g) on all samples; "
                          "keeping RTN", best_iter, best_loss, rtn_loss)
                 best_iter, best_loss = 0, rtn_loss
-                for t, b in zip(states, rtn_state):
-                    t.restore(b)
+                for t in states:
+                    t.reset_to_rtn()
     finally:
         for p in frozen:
             p.requires_grad_(True)
