@@ -52,3 +52,21 @@ def test_keep_freed_memory_sets_glibc_options(monkeypatch):
     assert (heap._M_MMAP_THRESHOLD, 1 << 20) in seen and len(seen) == 3
     monkeypatch.setattr(heap, "_mallopt", lambda: None)
     assert heap.keep_freed_memory() is False
+
+
+def test_low_mem_hands_freed_memory_back(monkeypatch, tmp_path):
+    """--low-mem pins glibc's mmap threshold (large tensors get their own mappings); a run without it does not."""
+    import zoo
+
+    from wq.quantize import main
+
+    seen = []
+    monkeypatch.setattr(heap, "_mallopt", lambda: lambda p, v: seen.append((p, v)) or 1)
+    assert heap.return_freed_memory() is True and seen == [(heap._M_MMAP_THRESHOLD, 1 << 20)]
+    src = tmp_path / "src"
+    zoo.build("llama").save_pretrained(src)
+    seen.clear()
+    assert main([str(src), "--scheme", "W4G128", "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert seen == []
+    assert main([str(src), "--scheme", "W4G128", "-o", str(tmp_path / "b"), "--no-progress", "--low-mem"]) == 0
+    assert (heap._M_MMAP_THRESHOLD, 1 << 20) in seen

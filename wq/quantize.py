@@ -292,6 +292,10 @@ def run(cfg: QuantConfig, *, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     validate(cfg)
+    if cfg.low_mem:
+        from .heap import return_freed_memory
+
+        return_freed_memory()  # large tensors get their own mappings, returned when freed (wq/heap.py)
     from .calib.distributed import init_from_env, is_main
 
     device = init_from_env(cfg.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # torchrun: join
