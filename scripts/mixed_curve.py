@@ -84,8 +84,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             ax.plot([r["bits"] for r in mix], [r["ppl"] for r in mix], "o-", label=f"--bits-budget ({algo})")
         if uni:
             ax.plot([r["bits"] for r in uni], [r["ppl"] for r in uni], "s", label=f"uniform ({algo})")
-            for r in uni:
-                ax.annotate(r["scheme"], (r["bits"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            for k, r in enumerate(uni):  # alternate above / below: neighbours sit 0.1 bits apart
+                ax.annotate(r["scheme"], (r["bits"], r["ppl"]), textcoords="offset points",
+                            xytext=(4, 6 if k % 2 else -11), fontsize=7)
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:
         ax.axhline(base[0]["ppl"], color="gray", ls="--", lw=0.8, label=f"unquantized ({base[0]['ppl']:.2f})")
