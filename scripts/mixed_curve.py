@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--baseline", action="store_true", help="also measure the unquantized model")
     ap.add_argument("--no-fisher-cache", action="store_true")
+    ap.add_argument("--interleave", action="store_true",
+                    help="with as many --budgets as --uniform: run them in pairs (uniform 1, budget 1, ...)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more settings for the algorithm")
     ap.add_argument("-o", "--output", default=None, help="JSON file, rewritten after every point")
     ap.add_argument("--plot", default=None, help="PNG written at the end (and from --output's rows)")
@@ -150,7 +152,12 @@ def main() -> None:
         r = perplexity(base, windows)
         rows.append({"kind": "baseline", "algo": "-", "scheme": "BF16", "bits": None, "ppl": r["ppl"]})
         log.info("baseline ppl %.3f", r["ppl"])
-    points = [("uniform", s) for s in a.uniform] + [("budget", b) for b in a.budgets]
+    uniform, budgets = [("uniform", s) for s in a.uniform], [("budget", b) for b in a.budgets]
+    points = uniform + budgets
+    if a.interleave:  # uniform 1, budget 1, uniform 2, ...: a run cut short still leaves matched pairs
+        if len(uniform) != len(budgets):
+            ap.error("--interleave needs as many --budgets as --uniform schemes")
+        points = [p for pair in zip(uniform, budgets) for p in pair]
     for kind, what in points:
         model = copy.deepcopy(base)
         load0 = os.getloadavg()
