@@ -71,31 +71,39 @@ def written_bits(layers: dict[str, str], model) -> tuple[float, dict[str, int]]:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
+    """Left: the whole range (log ppl); right: 3 bits and up, where the usable points are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algo in sorted({r["algo"] for r in rows}):
-        uni = sorted((r for r in rows if r["algo"] == algo and r["kind"] == "uniform"), key=lambda r: r["bits"])
-        mix = sorted((r for r in rows if r["algo"] == algo and r["kind"] == "budget"), key=lambda r: r["bits"])
-        if mix:
-            ax.plot([r["bits"] for r in mix], [r["ppl"] for r in mix], "o-", label=f"--bits-budget ({algo})")
-        if uni:
-            ax.plot([r["bits"] for r in uni], [r["ppl"] for r in uni], "s", label=f"uniform ({algo})")
-            for k, r in enumerate(uni):  # alternate above / below: neighbours sit 0.1 bits apart
-                ax.annotate(r["scheme"], (r["bits"], r["ppl"]), textcoords="offset points",
-                            xytext=(4, 6 if k % 2 else -11), fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     base = [r for r in rows if r["kind"] == "baseline"]
-    if base:
-        ax.axhline(base[0]["ppl"], color="gray", ls="--", lw=0.8, label=f"unquantized ({base[0]['ppl']:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per quantized weight (codes + scales + zeros, compressed-tensors)")
-    ax.set_ylabel("perplexity (P&P, 512 x 40)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", lw=0.3)
-    ax.legend(fontsize=8)
+    algos = sorted({r["algo"] for r in rows if r["kind"] != "baseline"})
+    for ax in axes:
+        for algo, color in zip(algos, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+            uni = sorted((r for r in rows if r["algo"] == algo and r["kind"] == "uniform"), key=lambda r: r["bits"])
+            mix = sorted((r for r in rows if r["algo"] == algo and r["kind"] == "budget"), key=lambda r: r["bits"])
+            if mix:
+                ax.plot([r["bits"] for r in mix], [r["ppl"] for r in mix], "o-", color=color, ms=4,
+                        label=f"--bits-budget ({algo})")
+            if uni:
+                ax.plot([r["bits"] for r in uni], [r["ppl"] for r in uni], "s", color=color, mfc="none", ms=8,
+                        label=f"uniform ({algo})")
+                for r in uni:
+                    ax.annotate(r["scheme"], (r["bits"], r["ppl"]), textcoords="offset points", xytext=(5, 3),
+                                fontsize=7, color=color)
+        if base:
+            ax.axhline(base[0]["ppl"], color="gray", ls="--", lw=0.8, label=f"unquantized ({base[0]['ppl']:.2f})")
+        ax.set_xlabel("bits per quantized weight (codes + scales + zeros, compressed-tensors)")
+        ax.grid(True, which="both", lw=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity (P&P, 512 x 40)")
+    axes[0].set_title(title, fontsize=9)
+    axes[1].set_xlim(3.0, 4.6)
+    axes[1].set_ylim(25, 120)
+    axes[1].set_title("3 bits and up (linear scale)", fontsize=9)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
