@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -95,14 +94,24 @@ class _OpenShard:
 
 
 def _copy_range(t: StoredTensor, out) -> None:
-    """Append t's bytes from its file to the open file `out` (flushed before and after): in the kernel where it
-    can, else in 16 MiB pieces; never the whole tensor in memory."""
+    """Append t's bytes from its file to the open file `out`, never the whole tensor in memory."""
     if t.nbytes != t.numel() * t.element_size():
         raise ValueError(f"{t.file}: {t.nbytes} bytes for shape {list(t.shape)} ({t.dtype}); the file is corrupt")
-    left, pos = t.nbytes, t.offset
+    _copy_bytes(t.file, t.offset, t.nbytes, out)
+
+
+def _append(src: Path, out) -> None:
+    """Copy the file `src` to the end of the open file `out`."""
+    _copy_bytes(src, 0, src.stat().st_size, out)
+
+
+def _copy_bytes(src: Path, offset: int, nbytes: int, out) -> None:
+    """Append `nbytes` of `src` from `offset` to the open file `out` (flushed before and after): in the kernel
+    where it can (copy_file_range), else in 16 MiB pieces."""
+    left, pos = nbytes, offset
     kernel = hasattr(os, "copy_file_range")
     out.flush()
-    with open(t.file, "rb") as f:
+    with open(src, "rb") as f:
         while left > 0:
             if kernel:
                 try:
@@ -115,29 +124,10 @@ def _copy_range(t: StoredTensor, out) -> None:
                 n = len(chunk)
                 out.write(chunk)
             if n == 0:
-                raise OSError(f"{t.file}: the file ended {left} bytes before its tensor did; it is truncated")
+                raise OSError(f"{src}: the file ended {left} bytes early; it is truncated")
             left -= n
             pos += n
     out.flush()
-
-
-def _append(src: Path, out) -> None:
-    """Copy the file `src` to the end of the open file `out` (in the kernel where it can)."""
-    with open(src, "rb") as f:
-        left = os.fstat(f.fileno()).st_size
-        try:
-            while left > 0:
-                n = os.copy_file_range(f.fileno(), out.fileno(), min(left, 1 << 30))
-                if n == 0:
-                    break
-                left -= n
-        except (AttributeError, OSError):  # no copy_file_range here: plain copies (positions are still right)
-            f.seek(os.fstat(f.fileno()).st_size - left)
-            out.seek(0, os.SEEK_END)
-            shutil.copyfileobj(f, out, 16 * 2**20)
-            left = 0
-        if left:
-            raise OSError(f"{src}: the copy stopped with {left} bytes left")
 
 
 class ShardWriter:
