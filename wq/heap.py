@@ -14,8 +14,8 @@ temporaries became small (a slice of rows at a time), trimming every 64 MiB cost
 run's wall time and 3.3 vs 2.0 s of system time (16 blocks of hidden 2048, farm-bench A/B against the
 whole-model path, load 2-3: 1.14x with trims every 64 MiB, 1.06x every 512 MiB, 1.00x never). Without
 trims the heap does grow between them (RssAnon +40 MiB per ~5 blocks of 32), so a 32-block run peaked
-at 675 MiB trimming once per GiB and at 626 MiB every 256 MiB (620 every 64 MiB): 256 MiB it is. Both do nothing where the C library
-is not glibc.
+at 675 MiB trimming once per GiB and at 626 MiB every 256 MiB (620 every 64 MiB): 256 MiB it is. Both
+do nothing where the C library is not glibc.
 """
 
 from __future__ import annotations

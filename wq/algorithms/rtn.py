@@ -19,13 +19,11 @@ def rtn_quantize(w: Tensor, scheme: QuantScheme, *, mse: bool = False, max_eleme
     Rows are independent, so the weight is quantized and packed a slice of output rows at a time: the same
     tensors as all at once, with temporaries of one slice instead of ~8 fp32 copies of the whole weight and
     whole-weight int32 codes (measured: +359 MiB peak for one 5632 x 2048 weight, 16x its bf16 size, before
-    slicing; +260 MiB with slicing but whole-weight codes; wq/heap.py)."""
+    slicing; +260 MiB with slicing but whole-weight codes; docs/streaming.md)."""
     w = w.detach()
     if max_elements is None:
         max_elements = ROWS_AT_ONCE if w.device.type == "cpu" else ROWS_AT_ONCE_ACCEL
-    rows = max(1, max_elements // max(w.shape[1], 1))
-    if rows < w.shape[0]:
-        rows = max(8, rows // 8 * 8)  # whole bytes of 4-bit zero points per slice in every format
+    rows = max(1, max_elements // max(w.shape[1], 1))  # output rows are columns of every packed tensor: any count
     parts: list[PackedWeight] = []
     err_sq = ref_sq = 0.0
     for r in range(0, w.shape[0], rows):

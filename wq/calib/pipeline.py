@@ -531,9 +531,9 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
                 raise RuntimeError(f"{rel} saw no input during calibration (is it used in the block's forward?)")
             # [in, in]; algorithms must not modify it in place (it may be shared)
             hessian[rel] = fallback[rel][0] if rel in fallback else H[alias[rel]]
-        batches = _batches(block, group, algorithm)
-        last_use = {id(hessian[rel]): j for j, rels in enumerate(batches) for rel in rels}
-        for j, rels in enumerate(batches):
+        notes = {rel: desc for rel, (_, desc) in fallback.items()}
+        del H, fallback  # `hessian` holds the only references: each Hessian is freed once its last Linear is done
+        for rels in _batches(block, group, algorithm):
             t = time.perf_counter()
             ws = [block.get_submodule(rel).weight.detach().float() for rel in rels]  # [out, in] each
             many = (algorithm.quantize_weights(ws, group[rels[0]], Hs=[hessian[r] for r in rels])
@@ -542,25 +542,16 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
                 many = [algorithm.quantize_weight(w, group[rel], H=hessian[rel]) for w, rel in zip(ws, rels)]
             dt = (time.perf_counter() - t) / len(rels)
             for rel, res in zip(rels, many):
-                if rel in alias or rel in fallback:
+                if rel in alias or rel in notes:
                     res.stats["tokens"] = count.get(alias.get(rel), 0)
-                if rel in fallback:
-                    res.stats["hessian"] = fallback[rel][1]
+                if rel in notes:
+                    res.stats["hessian"] = notes[rel]
                 results[rel] = res
                 seconds[rel] = dt
             del ws, many
-            for rel in rels:  # a Hessian whose last Linear is done is dropped now (down_proj's is the largest)
-                h = hessian.get(rel)
-                if h is not None and last_use[id(h)] == j:
-                    for key in [k for k, v in H.items() if v is h]:
-                        del H[key]
-                    for other in [r for r, v in hessian.items() if v is h]:
-                        del hessian[other]
-                    del h
-            for key in [k for k, v in fallback.items() if k not in hessian]:
-                del fallback[key]
+            for rel in rels:
+                del hessian[rel]
             trim()  # the layer's temporaries go back to the OS before the next (larger) one
-        del H, hessian
     return results, seconds
 
 
