@@ -158,3 +158,40 @@ def test_stats_from_row_slices_equal_the_whole_weight(out_f):
     for k in ("loss", "output_error", "rtn_output_error"):
         assert stats[k] == pytest.approx(whole[k], rel=1e-4), k
     assert packed.rows(10, 20).dequantize().equal(w_hat[10:20])
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.0])  # 0.0: H is singular, the first factorization fails and H is restored
+def test_consuming_the_hessian_gives_the_same_result_and_gives_it_back(tmp_path, damp):
+    """consume_H factorizes H in its own storage (one [in, in] matrix instead of two): same codes, scales and
+    stats as the copying path, and H holds its original values again afterwards (read back from the spill)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(80, 96, generator=g)
+    x[:, 5] = 0  # dead input
+    x[:, 7] = x[:, 8]  # collinear: singular without damping
+    H = 2 * x.t() @ x / 80
+    H_orig = H.clone()
+    w = torch.randn(40, 96, generator=g)
+    s = QuantScheme.parse("W3G32")
+    ref = gptq_quantize(w, H, s, damp=damp)
+    assert torch.equal(H, H_orig)  # the copying path never touches H
+    got = gptq_quantize(w, H, s, damp=damp, consume_H=True, spill_dir=str(tmp_path))
+    assert torch.equal(H, H_orig)
+    assert torch.equal(got.packed.qweight, ref.packed.qweight) and torch.equal(got.packed.scales, ref.packed.scales)
+    assert got.stats == ref.stats
+    assert list(tmp_path.iterdir()) == []  # the spill file is unlinked: nothing left on disk
+
+
+def test_in_place_inverse_factor_matches_the_definition():
+    """_factor_in_place: U upper with U^T U = (H + damp*mean(diag) I)^-1, computed in H's storage."""
+    from wq.algorithms.gptq import _factor_in_place
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    H64 = x.t() @ x / 300
+    H = H64.float().clone()
+    ptr = H.data_ptr()
+    U = _factor_in_place(H, 0.01, None)
+    assert U.data_ptr() == ptr  # no second matrix
+    want = torch.linalg.inv(H64 + 0.01 * H64.diagonal().mean() * torch.eye(64, dtype=torch.float64))
+    assert torch.allclose(U.double().triu(), U.double())
+    assert torch.allclose(U.double().t() @ U.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

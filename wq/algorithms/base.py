@@ -26,7 +26,8 @@ class Algorithm:
     granularities (the full contract is in that module's docstring):
 
     - "layer": `quantize_weight(w, scheme, *, H=H)`, H the [in, in] fp32 Hessian 2/n sum x^T x of
-      the Linear's inputs (gptq).
+      the Linear's inputs (gptq). With `consumes_hessian` the algorithm also gets `H_owned` (True: no other
+      Linear still needs this H, so it may be used as scratch) and `spill_dir` (a directory on the run's disk).
     - "block": `quantize_block(block, plan, inputs, kwargs, targets) -> {name: QuantResult}`,
       names relative to the block (autoround).
     """
@@ -34,6 +35,7 @@ class Algorithm:
     name: str = ""
     needs_calibration: bool = False
     granularity: str = "layer"  # "layer" or "block": what wq.calib hands a calibrated algorithm
+    consumes_hessian: bool = False  # "layer": may overwrite an H it owns (see above)
 
     def __init__(self, **settings):
         self.settings = settings

@@ -412,7 +412,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         if granularity == "layer":
             results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev,
                                                 min_tokens=int(s["expert_min_tokens"]),
-                                                budget=int(s["hessian_budget"]))
+                                                budget=int(s["hessian_budget"]),
+                                                spill_dir=str(ckpt.dir) if ckpt is not None else None)
         else:
             with torch.no_grad():  # the unquantized block on the full-precision stream
                 targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
@@ -512,13 +513,15 @@ def _experts_of(block: nn.Module, rels) -> dict[str, QuantExperts]:
 @torch.no_grad()
 def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm, hidden: list[Tensor],
                      kwargs: list[dict], dev: torch.device, *, min_tokens: int = 128,
-                     budget: int = 4 * 1024**3):
+                     budget: int = 4 * 1024**3, spill_dir: str | None = None):
     """Layer granularity: accumulate each Linear's Hessian over the calibration batches, then quantize.
 
     MoE experts: each expert's Linears see only the tokens the router sends them. An expert that got
     fewer than `min_tokens` tokens (summed over ranks) is quantized with the Hessian of every token
     instead (gate/up: the experts module's input; down: that expert's activation of every token, one
     more pass), named in its stats. Linears are taken in groups whose Hessians fit in `budget` bytes.
+    A Hessian's last Linear gets it as scratch (H_owned: gptq factorizes it in place, spilling a copy to
+    `spill_dir`, the run's disk) instead of holding a second [in, in] matrix.
     """
     results, seconds = {}, {}
     for group in _hessian_groups(block, names, budget):
@@ -539,7 +542,8 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
             many = (algorithm.quantize_weights(ws, group[rels[0]], Hs=[hessian[r] for r in rels])
                     if len(rels) > 1 else None)
             if many is None:
-                many = [algorithm.quantize_weight(w, group[rel], H=hessian[rel]) for w, rel in zip(ws, rels)]
+                many = [algorithm.quantize_weight(w, group[rel], H=hessian[rel], **_scratch(algorithm, hessian, rel, spill_dir))
+                        for w, rel in zip(ws, rels)]
             dt = (time.perf_counter() - t) / len(rels)
             for rel, res in zip(rels, many):
                 if rel in alias or rel in notes:
@@ -553,6 +557,14 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
                 del hessian[rel]
             trim()  # the layer's temporaries go back to the OS before the next (larger) one
     return results, seconds
+
+
+def _scratch(algorithm, hessian: dict[str, Tensor], rel: str, spill_dir: str | None) -> dict:
+    """For an algorithm that declares `consumes_hessian`: H_owned (no other Linear still to be quantized shares
+    rel's Hessian, so it may be overwritten) and where to spill it."""
+    if not getattr(algorithm, "consumes_hessian", False):
+        return {}
+    return {"H_owned": not any(hessian[o] is hessian[rel] for o in hessian if o != rel), "spill_dir": spill_dir}
 
 
 def _batches(block: nn.Module, group: dict[str, QuantScheme], algorithm, max_bytes: int = 512 * 1024**2):
