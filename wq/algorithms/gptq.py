@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import primitives as P
+from ..heap import trim
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
@@ -205,6 +206,7 @@ def gptq_quantize(
     del Wt, U
     if restore is not None:
         restore()  # H0 holds the Hessian again
+    trim()  # the loop's weight copy goes back to the OS, not into glibc's heap for the stats' temporaries
     Q = Qt.t()  # [out, in] uint8 codes (packed without a whole int32 copy)
     g_idx = None
     if act_order:
@@ -218,18 +220,27 @@ def gptq_quantize(
     return QuantResult(packed, error, {**stats, "damp": used_damp})
 
 
+_CHUNK = 128  # output rows per step of the stats: [128, in] fp32 temporaries (2.8 MiB at in=5632), not [512, in]
+
+
+def _quad(E: Tensor, H: Tensor) -> float:
+    """tr(E H E^T) for E [rows, in], `_CHUNK` rows at a time."""
+    return sum(float((e @ H * e).sum()) for e in E.split(_CHUNK))
+
+
 def _objective_packed(w: Tensor, packed: PackedWeight, H: Tensor, scheme: QuantScheme, mse: bool,
                       rows: int = 512) -> tuple[float, dict]:
-    """(relative weight error, _objective's stats) from the packed result, dequantized `rows` output rows at a
-    time: never a whole [out, in] copy of the weight or of its error (two fewer weight-sized temporaries)."""
+    """(relative weight error, _objective's stats) from the packed result, dequantized `_CHUNK` output rows at a
+    time: never a whole [out, in] copy of the weight or of its error, and temporaries small enough not to pile
+    up in glibc's heap (512-row steps left ~170 MiB of freed heap behind at down_proj's shape)."""
     W0, H = w.float(), H.float()
     out_f = W0.shape[0]
     step = -(-out_f // rows)
     loss = err_sq = 0.0
     sampled = []
-    for r0 in range(0, out_f, rows):
-        r1 = min(r0 + rows, out_f)
-        e = W0[r0:r1] - packed.rows(r0, r1).dequantize(torch.float32)  # [rows, in]
+    for r0 in range(0, out_f, _CHUNK):
+        r1 = min(r0 + _CHUNK, out_f)
+        e = W0[r0:r1] - packed.rows(r0, r1).dequantize(torch.float32)  # [chunk, in]
         loss += float((e @ H * e).sum())
         err_sq += float(e.pow(2).sum())
         sampled.append(e[-r0 % step::step])  # the rows whose index is a multiple of step
@@ -244,19 +255,20 @@ def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bo
     `rows` rows; a fixed sample beyond, so they cost at most `rows` x in^2 multiply-adds each)."""
     W0, H = w.float(), H.float()
     E = W0 - w_hat
-    loss = sum(float((e @ H * e).sum()) for e in E.split(512))  # [512, in] at a time, whatever `rows` is
     step = -(-W0.shape[0] // rows)
-    return _sampled_objective(W0, E[::step], H, scheme, mse, step, loss)
+    return _sampled_objective(W0, E[::step], H, scheme, mse, step, _quad(E, H))
 
 
 def _sampled_objective(W0: Tensor, Es: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, step: int,
                        loss: float) -> dict:
     """_objective's relative errors on every step-th row (Es: those rows of W0 - w_hat)."""
     Ws = W0[::step]
-    ref = float((Ws @ H * Ws).sum())
-    E_rtn = Ws - rtn_quantize(Ws, scheme, mse=mse).packed.dequantize(torch.float32)  # rows are independent
-    rtn_loss = float((E_rtn @ H * E_rtn).sum())
-    err = float((Es @ H * Es).sum()) if step > 1 else loss
+    ref = rtn_loss = 0.0
+    for wc in Ws.split(_CHUNK):  # rows are independent in rtn: chunks give the same codes
+        e_rtn = wc - rtn_quantize(wc, scheme, mse=mse).packed.dequantize(torch.float32)
+        ref += float((wc @ H * wc).sum())
+        rtn_loss += float((e_rtn @ H * e_rtn).sum())
+    err = _quad(Es, H) if step > 1 else loss
     return {"loss": loss, "output_error": (err / ref) ** 0.5 if ref > 0 else 0.0,
             "rtn_output_error": (rtn_loss / ref) ** 0.5 if ref > 0 else 0.0}
 
