@@ -157,7 +157,7 @@ def gptq_quantize(
     diag = H0.diagonal().float().clone()  # a copy: with consume_H, H's diagonal is overwritten
     dead = diag == 0  # inputs that were always zero: any value works, quantize them to 0 (their H diagonal: 1)
     # the column loop works on a transposed copy: column k of W is the contiguous row k of Wt (the only copy)
-    Wt = w.detach().float().t().contiguous()  # [in, out]
+    Wt = torch.empty(in_f, out_f, device=w.device).copy_(w.detach().t())  # [in, out] fp32, w in any float dtype
     Wt[dead] = 0
 
     static = act_order and static_groups
@@ -233,19 +233,21 @@ def _objective_packed(w: Tensor, packed: PackedWeight, H: Tensor, scheme: QuantS
     """(relative weight error, _objective's stats) from the packed result, dequantized `_CHUNK` output rows at a
     time: never a whole [out, in] copy of the weight or of its error, and temporaries small enough not to pile
     up in glibc's heap (512-row steps left ~170 MiB of freed heap behind at down_proj's shape)."""
-    W0, H = w.float(), H.float()
-    out_f = W0.shape[0]
+    H = H.float()
+    out_f = w.shape[0]
     step = -(-out_f // rows)
-    loss = err_sq = 0.0
+    loss = err_sq = w_sq = 0.0
     sampled = []
     for r0 in range(0, out_f, _CHUNK):
         r1 = min(r0 + _CHUNK, out_f)
-        e = W0[r0:r1] - packed.rows(r0, r1).dequantize(torch.float32)  # [chunk, in]
+        w0 = w[r0:r1].float()  # [chunk, in]: w may be bf16 (no whole fp32 copy)
+        e = w0 - packed.rows(r0, r1).dequantize(torch.float32)
         loss += float((e @ H * e).sum())
         err_sq += float(e.pow(2).sum())
+        w_sq += float(w0.pow(2).sum())
         sampled.append(e[-r0 % step::step])  # the rows whose index is a multiple of step
-    error = (err_sq ** 0.5) / max(float(W0.norm()), 1e-12)
-    return error, _sampled_objective(W0, torch.cat(sampled), H, scheme, mse, step, loss)
+    error = (err_sq ** 0.5) / max(w_sq ** 0.5, 1e-12)
+    return error, _sampled_objective(w[::step].float(), torch.cat(sampled), H, scheme, mse, loss, sampled=step > 1)
 
 
 def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, rows: int = 512) -> dict:
@@ -256,19 +258,19 @@ def _objective(w: Tensor, w_hat: Tensor, H: Tensor, scheme: QuantScheme, mse: bo
     W0, H = w.float(), H.float()
     E = W0 - w_hat
     step = -(-W0.shape[0] // rows)
-    return _sampled_objective(W0, E[::step], H, scheme, mse, step, _quad(E, H))
+    return _sampled_objective(W0[::step], E[::step], H, scheme, mse, _quad(E, H), sampled=step > 1)
 
 
-def _sampled_objective(W0: Tensor, Es: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, step: int,
-                       loss: float) -> dict:
-    """_objective's relative errors on every step-th row (Es: those rows of W0 - w_hat)."""
-    Ws = W0[::step]
+def _sampled_objective(Ws: Tensor, Es: Tensor, H: Tensor, scheme: QuantScheme, mse: bool, loss: float,
+                       sampled: bool) -> dict:
+    """_objective's relative errors on a sample of output rows (Ws: those rows of W, fp32; Es: of W - w_hat;
+    sampled False: every row, so Es's loss is `loss`)."""
     ref = rtn_loss = 0.0
     for wc in Ws.split(_CHUNK):  # rows are independent in rtn: chunks give the same codes
         e_rtn = wc - rtn_quantize(wc, scheme, mse=mse).packed.dequantize(torch.float32)
         ref += float((wc @ H * wc).sum())
         rtn_loss += float((e_rtn @ H * e_rtn).sum())
-    err = _quad(Es, H) if step > 1 else loss
+    err = _quad(Es, H) if sampled else loss
     return {"loss": loss, "output_error": (err / ref) ** 0.5 if ref > 0 else 0.0,
             "rtn_output_error": (rtn_loss / ref) ** 0.5 if ref > 0 else 0.0}
 

@@ -77,6 +77,7 @@ from ..kernels.dispatch import exact_kernels
 from ..nn import QuantExperts, QuantLinear, set_module
 from ..scheme import QuantScheme
 from .data import calibration_samples
+from .upcast import UPCAST_EXACT, fp32_linears
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,15 @@ def find_blocks(model: nn.Module, plan: dict) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _cast_float(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating parameters and buffers, leaving QuantLinear (fp16 scales, packed codes) untouched."""
+def _cast_float(module: nn.Module, dtype: torch.dtype, keep: frozenset = frozenset()) -> None:
+    """Cast floating parameters and buffers, leaving QuantLinear (fp16 scales, packed codes) and the weights of the
+    modules in `keep` untouched."""
     for mod in module.modules():
         if isinstance(mod, QuantLinear):
             continue
-        for p in mod.parameters(recurse=False):
+        for name, p in mod.named_parameters(recurse=False):
+            if mod in keep and name == "weight":
+                continue
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
         for name, b in mod.named_buffers(recurse=False):
@@ -399,21 +403,27 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
     for i in bar:
         t0 = time.perf_counter()
         bname = f"{prefix}.{i}"
-        if source is not None:  # read this block from the shards, in fp32 on the compute device
-            source.load_block(i, dev, torch.float32)
+        # layer algorithms get the planned Linears' weights in their bf16/fp16 storage and compute in fp32
+        # (wq.calib.upcast: exact, half the block's memory); block algorithms train on an fp32 block
+        dtype = source.dtype if source is not None else _float_dtype(blocks[i])
+        keep16 = (granularity == "layer" and dtype in UPCAST_EXACT
+                  and not (source is not None and source.reader.fp8_block))  # FP8: dequantized straight to fp32
+        if source is not None:  # read this block from the shards, on the compute device
+            source.load_block(i, dev, dtype if keep16 else torch.float32)
             materialize(model, plan, within=bname)  # fused experts / Conv1D of this block -> Linears
         block = blocks[i]
         names = _names_in(plan, bname)
         home = next(block.parameters()).device
-        dtype = source.dtype if source is not None else _float_dtype(block)
         block.to(dev)
-        _cast_float(block, torch.float32)
         before = {rel: block.get_submodule(rel) for rel in names}
+        kept = frozenset(before.values()) if keep16 else frozenset()
+        _cast_float(block, torch.float32, keep=kept)
         if granularity == "layer":
-            results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev,
-                                                min_tokens=int(s["expert_min_tokens"]),
-                                                budget=int(s["hessian_budget"]),
-                                                spill_dir=str(ckpt.dir) if ckpt is not None else None)
+            with fp32_linears(kept):
+                results, seconds = _quantize_layers(block, names, algorithm, hidden, kwargs, dev,
+                                                    min_tokens=int(s["expert_min_tokens"]),
+                                                    budget=int(s["hessian_budget"]),
+                                                    spill_dir=str(ckpt.dir) if ckpt is not None else None)
         else:
             with torch.no_grad():  # the unquantized block on the full-precision stream
                 targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
@@ -538,7 +548,7 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
         del H, fallback  # `hessian` holds the only references: each Hessian is freed once its last Linear is done
         for rels in _batches(block, group, algorithm):
             t = time.perf_counter()
-            ws = [block.get_submodule(rel).weight.detach().float() for rel in rels]  # [out, in] each
+            ws = [block.get_submodule(rel).weight.detach() for rel in rels]  # [out, in] each, as stored (bf16/fp32)
             many = (algorithm.quantize_weights(ws, group[rels[0]], Hs=[hessian[r] for r in rels])
                     if len(rels) > 1 else None)
             if many is None:

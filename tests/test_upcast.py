@@ -1,0 +1,52 @@
+"""wq.calib.upcast: fp32 math on bf16-stored Linears equals an fp32 copy of the block, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import wq
+from tests.conftest import make_tiny_llama
+from wq.calib.upcast import fp32_linears
+from wq.nn import QuantLinear
+
+
+def test_bf16_linears_compute_like_an_fp32_block():
+    model = make_tiny_llama(hidden=64, inter=160, layers=1).to(torch.bfloat16)
+    block = model.model.layers[0]
+    ref = copy.deepcopy(block).float()
+    lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    for m in block.modules():  # everything but the Linears' weights in fp32, as the pipeline does
+        for name, p in m.named_parameters(recurse=False):
+            if not (m in lins and name == "weight"):
+                p.data = p.data.float()
+    x = torch.randn(2, 16, 64)
+    pos = torch.arange(16)[None].expand(2, -1)
+    emb = model.model.rotary_emb(x, pos)
+    seen = []
+    hook = lins[0].register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    with torch.no_grad(), fp32_linears(lins):
+        got = block(x, position_embeddings=emb, position_ids=pos)
+    hook.remove()
+    want = ref(x, position_embeddings=emb, position_ids=pos)
+    got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
+    assert torch.equal(got, want)
+    assert seen == [torch.float32]  # the hooks (Hessian accumulation) still run, on fp32 outputs
+    assert all("forward" not in vars(m) for m in lins) and all(m.weight.dtype == torch.bfloat16 for m in lins)
+
+
+def test_gptq_on_a_bf16_model_equals_gptq_on_its_fp32_copy():
+    """The pipeline keeps a bf16 model's Linear weights in bf16 during calibration (half the block's memory):
+    the Hessians, and so the codes, are those of the fp32 block it used to hold."""
+    bf16 = make_tiny_llama(hidden=64, inter=160, layers=2).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+    for m in (bf16, fp32):
+        wq.quantize_model(m, "W4G32", algo="gptq", calib=ids, progress=False, nsamples=8, seqlen=32, batch_size=4)
+    qs = {n: m for n, m in bf16.named_modules() if isinstance(m, QuantLinear)}
+    assert len(qs) == 14
+    for n, q in qs.items():
+        r = fp32.get_submodule(n)
+        assert torch.equal(q.qweight, r.qweight) and torch.equal(q.scales, r.scales), n
