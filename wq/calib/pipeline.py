@@ -434,18 +434,8 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         missing = set(names) - set(results)
         if missing:
             raise RuntimeError(f"{algorithm.name}.quantize_block returned no result for {sorted(missing)}")
-        losses = {}
-        for rel, res in results.items():
-            lin = before[rel]
-            bias = None if lin.bias is None else lin.bias.detach().to(dtype)
-            set_module(block, rel, QuantLinear.from_packed(res.packed, bias))
-            w = lin.weight
-            report.layers[f"{bname}.{rel}"] = LayerReport(
-                scheme=str(names[rel]), error=res.error, seconds=seconds[rel],
-                bytes_before=w.numel() * dtype.itemsize + _bias_bytes(lin),
-                bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats=_plain(res.stats))
-            losses[rel] = float(res.stats.get("loss", res.error))
-        del before
+        losses = _install(block, bname, names, before, results, seconds, dtype, report)
+        del before, results  # the original Linears (their weights) go now, not when the next block replaces them
         # the next block sees what the quantized model computes, through exact kernels only: which kernel
         # is fastest at this seqlen x batch (e.g. int8-rounded activations on CPU) must not change the result
         with torch.no_grad(), exact_kernels():
@@ -479,6 +469,24 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
     if source is not None:
         ckpt.save_outside(model, prefix)
     report.peak_memory_bytes = _peak_memory(dev)
+
+
+def _install(block: nn.Module, bname: str, names: dict[str, QuantScheme], before: dict[str, nn.Module],
+             results: dict, seconds: dict[str, float], dtype: torch.dtype, report) -> dict[str, float]:
+    """Swap a QuantLinear in for each quantized Linear of the block and record its report line -> {rel: loss}."""
+    from ..api import LayerReport, _bias_bytes
+
+    losses = {}
+    for rel, res in results.items():
+        lin = before[rel]
+        bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+        set_module(block, rel, QuantLinear.from_packed(res.packed, bias))
+        report.layers[f"{bname}.{rel}"] = LayerReport(
+            scheme=str(names[rel]), error=res.error, seconds=seconds[rel],
+            bytes_before=lin.weight.numel() * dtype.itemsize + _bias_bytes(lin),
+            bytes_after=res.packed.nbytes() + _bias_bytes(lin), stats=_plain(res.stats))
+        losses[rel] = float(res.stats.get("loss", res.error))
+    return losses
 
 
 def _names_in(plan: dict[str, QuantScheme], bname: str) -> dict[str, QuantScheme]:
