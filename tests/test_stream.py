@@ -248,3 +248,23 @@ def test_a_released_quantized_block_keeps_no_tensor():
     lin.to("meta")
     gc.collect()
     assert ref() is None and lin.qweight.device.type == "meta"
+
+
+def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
+    """gptq keeps a bf16 block's Linear weights as stored (wq.calib.upcast); block algorithms train on an fp32 block:
+    the estimate's block term differs by the block's fp32 - bf16 size, and data-free runs hold it as stored."""
+    from wq.plan.memory import estimate_streamed
+    from wq.scheme import QuantScheme
+
+    src = tmp_path / "bf16"
+    zoo.build("llama").to(torch.bfloat16).save_pretrained(src)
+    sk = Skeleton(ShardReader.open(src))
+    assert sk.dtype == torch.bfloat16
+    plan = {n: QuantScheme.parse("W4G32") for n, m in sk.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    kw = {"nsamples": 4, "seqlen": 16}
+    rtn = estimate_streamed(sk, plan, calibrated=False).terms["block"]
+    gptq = estimate_streamed(sk, plan, calibrated=True, **kw).terms["block"]
+    ar = estimate_streamed(sk, plan, calibrated=True, block_algo=True, **kw).terms["block"]
+    stored = sum(p.numel() * 2 for p in sk.blocks[0].parameters())
+    assert gptq == rtn and ar - gptq == stored  # fp32 is twice bf16: one more stored size

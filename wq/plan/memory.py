@@ -4,8 +4,9 @@ machine has. Every term comes from the checkpoint's headers, the model's config 
     process now        the interpreter with torch and transformers already imported (measured: VmRSS)
     outside            tensors outside the decoder blocks (embeddings, norm, head), in their stored dtype,
                        plus an fp32 copy of them while the calibration inputs are captured
-    block              the largest decoder block in fp32 (calibration loads it so) or its stored dtype
-                       (data-free), its quantized copy, and the fp32 copy of its largest Linear
+    block              the largest decoder block in its stored dtype (data-free, and gptq on bf16/fp16 weights,
+                       computed in fp32 one Linear at a time) or in fp32 (block algorithms, FP8 sources), its
+                       quantized copy, and the fp32 copy of its largest Linear
     hessians           gptq: the block's input Hessians (fp32 [in, in] per distinct input), capped by the
                        hessian budget (several passes beyond it)
     calibration stream this rank's samples x seqlen x hidden x 4 bytes, x2 while a block's outputs are
@@ -126,7 +127,11 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
             per_block[i] = per_block.get(i, 0) + reader.nbytes(n)
     block_stored = max(per_block.values(), default=0)
     elem = max(skeleton.dtype.itemsize, 1)
-    block_fp32 = block_stored * 4 // elem if calibrated else block_stored
+    import torch
+
+    upcast = (not block_algo and skeleton.dtype in (torch.bfloat16, torch.float16)
+              and not getattr(reader, "fp8_block", None))  # wq.calib.upcast: 16-bit weights stay as stored
+    block_fp32 = block_stored * 4 // elem if calibrated and not upcast else block_stored
     shapes = linear_candidates(skeleton.model)
     in_block = {n: shapes[n] for n in plan if n.startswith(prefix + "0.") and n in shapes}
     largest = max((i * o for i, o in in_block.values()), default=0) * 4
@@ -152,8 +157,6 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
         avail = int(float(os.environ["WQ_MEMORY_AVAILABLE"]))
     dev_avail = None
     if on_gpu:
-        import torch
-
         if torch.cuda.is_available():
             dev_avail = torch.cuda.mem_get_info(torch.device(device))[0]
     return MemoryEstimate(terms=host, available=avail, device_terms=gpu, device_available=dev_avail)
