@@ -218,8 +218,8 @@ def test_rtn_peak_memory_is_within_the_budget_and_flat(tmp_path):
 @pytest.mark.slow
 def test_gptq_peak_memory_is_flat_in_the_number_of_blocks(tmp_path):
     """Streamed gptq holds one block, its Hessians and the calibration stream: its peak over the baseline does not
-    grow with the model. (It is above the 3-block budget: fp32 block + Hessians + the largest inverse factor alone
-    exceed it; docs/streaming.md has the numbers.)"""
+    grow with the model. (Whether it is within the 3-block budget is measured at hidden 2048, where the block
+    dominates the interpreter's noise: docs/streaming.md.)"""
     peaks, block = {}, 0
     for layers in (4, 12):
         (row,) = _bench_rows(tmp_path, layers, 1024, "gptq", ["streamed"])
