@@ -70,8 +70,8 @@ class QuantConfig:
     seed: int = _f(0, "random seed for sample selection and algorithms")
     batch_size: int = _f(8, "calibration batch size")
     low_mem: bool = _f(False, "keep calibration activations on CPU between blocks, and hand freed memory back to "
-                       "the OS at once (streamed calibrated runs always do the latter: about 10-30%% less peak "
-                       "memory on CPU for 5-9%% more time)")
+                       "the OS at once (streamed gptq always does the latter; autoround: about 25%% less peak memory "
+                       "on CPU for about 20%% more time)")
     model_free: bool = _f(True, "rtn, FP8 and BF16 go tensor by tensor through the shards without building the model "
                           "(FP16 too when the model does not fit in memory; its activation audit needs the model)")
     stream: bool = _f(True, "read the model block by block from its safetensors shards, staging finished blocks "

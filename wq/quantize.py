@@ -403,10 +403,13 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     sk = Skeleton(ShardReader.open(source.path))
     algo = ALGORITHMS.get(cfg.algo)
     calibrated = algo.needs_calibration
-    if calibrated:  # one block at a time: what a block frees goes back to the OS, not into a fragmenting heap
+    if calibrated and getattr(algo, "granularity", "layer") == "layer":
+        # one block at a time: what a block frees goes back to the OS, not into a fragmenting heap (8-block gptq:
+        # 450 -> 315 MiB over the baseline, about +10% CPU). Not for block algorithms: autoround re-allocates
+        # weight-sized tensors every step, 1642 -> 1210 MiB cost it +23% CPU; --low-mem turns it on for them.
         from .heap import return_freed_memory
 
-        return_freed_memory()  # 2-block gptq: 393 -> 272 MiB over the baseline (docs/streaming.md)
+        return_freed_memory()
     plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
     from .calib.distributed import rank_world
 
