@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from .. import primitives as P
-from ..heap import trim
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
@@ -44,12 +43,20 @@ def _inverse_cholesky(H0: Tensor, damp: float, dead: Tensor | None = None,
     set to 1, permuted by `perm` (act-order); retries with 10x damping if H is not positive definite. H0 is not
     modified: each attempt factorizes one copy in place (`_factor_in_place`), so two [in, in] fp32 matrices
     are alive at once, H0 included."""
+    dead_p = None if dead is None or perm is None else dead[perm]
+
+    def attempt(d: float) -> Tensor | None:
+        H = H0.float().clone() if perm is None else H0.float()[perm][:, perm]
+        return _factor_in_place(H, d, dead if perm is None else dead_p)
+    return _with_damping(attempt, damp)
+
+
+def _with_damping(attempt, damp: float) -> tuple[Tensor, float]:
+    """attempt(d) -> U, or None when the damped H is not positive definite: tried at damp, then 10x more each
+    time (at most 6 tries) -> (U, the damp that worked)."""
     d = damp
     for _ in range(6):
-        H = H0.float().clone()
-        if perm is not None:
-            H = H[perm][:, perm]
-        U = _factor_in_place(H, d, None if dead is None else dead if perm is None else dead[perm])
+        U = attempt(d)
         if U is not None:
             if d != damp:
                 log.warning("gptq: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
@@ -107,17 +114,15 @@ def _inverse_cholesky_consuming(H: Tensor, damp: float, dead: Tensor,
     instead of two. H is spilled first (`_spill`); a failed attempt (not positive definite) restores it and
     retries with 10x damping. -> (U, damp used, restore: puts H's original values back, U then invalid)."""
     restore = _spill(H, spill_dir)
-    d = damp
-    for _ in range(6):
-        U = _factor_in_place(H, d, dead)
-        if U is not None:
-            if d != damp:
-                log.warning("gptq: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
-            return U, d, restore
-        restore()
-        d = max(d * 10, 1e-4)
-    raise RuntimeError(f"gptq: Hessian is not positive definite even with damp={d / 10:g}; the calibration "
-                       f"inputs may contain inf/nan (try more --nsamples or a larger --damp)")
+    tried = []
+
+    def attempt(d: float) -> Tensor | None:
+        if tried:
+            restore()  # the previous attempt destroyed H
+        tried.append(d)
+        return _factor_in_place(H, d, dead)
+    U, d = _with_damping(attempt, damp)
+    return U, d, restore
 
 
 @torch.no_grad()
@@ -206,7 +211,6 @@ def gptq_quantize(
     del Wt, U
     if restore is not None:
         restore()  # H0 holds the Hessian again
-    trim()  # the loop's weight copy goes back to the OS, not into glibc's heap for the stats' temporaries
     Q = Qt.t()  # [out, in] uint8 codes (packed without a whole int32 copy)
     g_idx = None
     if act_order:
