@@ -24,59 +24,20 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .. import primitives as P
 from ..calib.distributed import all_gather_floats, all_reduce_scalar, all_reduce_sum_, offsets, rank_world
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
+from .fake_quant import QuantLinearFn, codes, quantized_forwards, ste_fp16, ste_round
 
 log = logging.getLogger(__name__)
 
 # kwargs a decoder block gets during a full-model forward that make no sense when replaying it
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
-
-
-def _ste_round(x: Tensor) -> Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
-def _ste_fp16(s: Tensor) -> Tensor:
-    """Scale rounded to its fp16 storage value, with an identity gradient."""
-    return s + (P.round_scale(s) - s).detach()
-
-
-class _FakeQuant(torch.autograd.Function):
-    """w_hat = (clamp(round(wg/s + v) + z, 0, maxq) - z) * s with straight-through round and clamp
-    gradients, written out by hand: a few fused passes over the weights instead of autograd's many.
-
-    wg, v: [out, ng, G]; s, z: [out, ng, 1] (z integer valued). Gradients for v, s and z.
-    """
-
-    @staticmethod
-    def forward(ctx, wg: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
-        inv_s = 1.0 / s
-        qf = torch.round(wg * inv_s + v).add_(z)  # codes before clamping
-        inside = (qf >= 0) & (qf <= maxq)  # straight-through region of the clamp
-        qz = qf.clamp_(0, maxq).sub_(z)  # q - z: integers in [-maxq, maxq]
-        w_hat = qz * s
-        # kept for the backward as small integers (1 or 2 bytes instead of 4: the saved state of a block's
-        # every Linear is alive at once)
-        ctx.save_for_backward(wg, qz.to(torch.int8 if maxq <= 127 else torch.int16), inside, inv_s, s)
-        return w_hat
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        wg, qz, inside, inv_s, s = ctx.saved_tensors
-        qz = qz.float()
-        du = (g * s).mul_(inside)  # d/du of round(u), u = wg/s + v
-        # w_hat = qz * s with qz = clamp(round(wg/s + v) + z) - z:
-        # ds = sum g*qz + sum du * (-wg/s^2);  dz = sum du - sum g*s (only where clamped: -g*s)
-        ds = (g * qz).sum(2, keepdim=True) - (du * wg).sum(2, keepdim=True) * inv_s * inv_s
-        dz = du.sum(2, keepdim=True) - (g.sum(2, keepdim=True) * s)
-        return None, du, ds, dz, None
 
 
 class _Snapshots:
@@ -100,23 +61,26 @@ class _Snapshots:
 
 @dataclass
 class _Target(_Snapshots):
-    """One Linear's learnable rounding state; weights in the grouped, zero-padded view."""
+    """One Linear's learnable rounding state. The weights stay in the Linear's own storage (bf16 in a streamed
+    run: read in fp32 one Linear at a time, which is exact) and the grouped view [out, ng, G] is made where it
+    is used; wq.algorithms.fake_quant keeps the autograd state of the whole block to 1-2 bytes a weight."""
 
     name: str  # relative to the block, e.g. "self_attn.q_proj"
     scheme: QuantScheme
-    w: Tensor  # [out, in] fp32, the original weights
-    wg: Tensor  # [out, ng, G] fp32 (partial last group zero-padded)
+    w: Tensor  # [out, in] the Linear's weights as stored (not copied)
+    bias: Tensor | None  # [out] fp32
     wmax: Tensor  # [out, ng, 1] max(w, 0)  (sym: absmax)
     wmin: Tensor  # [out, ng, 1] min(w, 0)  (sym: unused)
-    v: Tensor  # [out, ng, G] rounding offsets, requires grad
+    v: Tensor  # [out, ng, G] fp32 rounding offsets, requires grad
     alpha: Tensor | None  # [out, ng, 1] range multipliers, require grad (None: no range learning)
     beta: Tensor | None
     sym_factor: Tensor | None = None  # [out, ng, 1] sym scale = alpha * absmax * factor (P.sym_scale_factor)
+    kept: Tensor | None = None  # [out, ng, G] uint8 codes of the restored best iterate (None: from v)
 
     @classmethod
-    def make(cls, name: str, weight: Tensor, scheme: QuantScheme, learn_range: bool) -> _Target:
-        w = weight.detach().float()
-        wg = P.group_view(w, scheme.group_for(w.shape[1]))
+    def make(cls, name: str, module: nn.Module, scheme: QuantScheme, learn_range: bool) -> _Target:
+        w = module.weight.detach()
+        wg = P.group_view(w.float(), scheme.group_for(w.shape[1]))  # transient
         wmin = wg.amin(dim=2, keepdim=True).clamp(max=0)
         wmax = wg.amax(dim=2, keepdim=True).clamp(min=0)
         factor = None
@@ -126,54 +90,85 @@ class _Target(_Snapshots):
         ones = torch.ones_like(wmax)
         alpha = ones.clone().requires_grad_(True) if learn_range else None
         beta = ones.clone().requires_grad_(True) if learn_range and not scheme.sym else None
-        return cls(name, scheme, w, wg, wmax, wmin, torch.zeros_like(wg, requires_grad=True), alpha, beta, factor)
+        bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
+        v = torch.zeros(wg.shape, dtype=torch.float32, device=w.device, requires_grad=True)
+        return cls(name, scheme, w, bias, wmax, wmin, v, alpha, beta, factor)
+
+    def _ranges(self) -> list[Tensor]:
+        return [p for p in (self.alpha, self.beta) if p is not None]
 
     def params(self) -> list[Tensor]:
-        return [p for p in (self.v, self.alpha, self.beta) if p is not None]
+        return [self.v, *self._ranges()]
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """(scale, zero) [out, ng, 1], differentiable through straight-through rounding."""
         maxq = self.scheme.maxq
         hi = self.wmax if self.alpha is None else self.wmax * self.alpha
         if self.scheme.sym:
-            s = _ste_fp16(hi * self.sym_factor)
+            s = ste_fp16(hi * self.sym_factor)
             return s, torch.full_like(s, float(2 ** (self.scheme.bits - 1)))
         lo = self.wmin if self.beta is None else self.wmin * self.beta
-        s = _ste_fp16((hi - lo) / maxq)
-        z = torch.clamp(_ste_round(-lo / s), 0, maxq)
+        s = ste_fp16((hi - lo) / maxq)
+        z = torch.clamp(ste_round(-lo / s), 0, maxq)
         return s, z
 
-    def fake_quant(self) -> Tensor:
-        """w_hat [out, in] as a differentiable function of (V, alpha, beta)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """The Linear on x [..., in] with its fake-quantized weights, differentiable in (V, alpha, beta)."""
         s, z = self.qparams()
-        w_hat = _FakeQuant.apply(self.wg, self.v, s, z, self.scheme.maxq)  # [out, ng, G]
-        in_f = self.w.shape[1]
-        w_hat = w_hat.flatten(1)
-        return w_hat if w_hat.shape[1] == in_f else w_hat[:, :in_f]
+        if self.kept is None:
+            return QuantLinearFn.apply(x, self.w, self.v, s, z, self.scheme.maxq, self.bias)
+        w_hat = ((self.kept.float() - z) * s).flatten(1)[:, : self.w.shape[1]]
+        return F.linear(x, w_hat, self.bias)
+
+    # the best iterate is kept as its codes (1 byte a weight, not V's 4) and its range multipliers: the codes
+    # are all the export and the final loss need
+    @torch.no_grad()
+    def snapshot(self) -> list[Tensor]:
+        s, z = self.qparams()
+        return [codes(self.w, self.v, s, z, self.scheme.maxq)] + [p.detach().clone() for p in self._ranges()]
+
+    @torch.no_grad()
+    def save_into(self, saved: list[Tensor]) -> None:
+        s, z = self.qparams()
+        saved[0].copy_(codes(self.w, self.v, s, z, self.scheme.maxq))
+        for p, t in zip(self._ranges(), saved[1:]):
+            t.copy_(p)
+
+    @torch.no_grad()
+    def restore(self, saved: list[Tensor]) -> None:
+        self.kept = saved[0]
+        for p, t in zip(self._ranges(), saved[1:]):
+            p.copy_(t)
 
     @torch.no_grad()
     def reset_to_rtn(self) -> None:
         """Back to the starting point, round-to-nearest: no offsets, full ranges (no snapshot needed)."""
+        self.kept = None
         self.v.zero_()
-        for p in (self.alpha, self.beta):
-            if p is not None:
-                p.fill_(1.0)
+        for p in self._ranges():
+            p.fill_(1.0)
+
+    def bounds(self, min_range: float) -> list[tuple[Tensor, float, float]]:
+        """(parameter, lowest, highest) of every learnable tensor."""
+        return [(self.v, -0.5, 0.5)] + [(p, min_range, 1.0) for p in self._ranges()]
 
     @torch.no_grad()
     def clamp_(self, min_range: float) -> None:
-        self.v.clamp_(-0.5, 0.5)
-        for p in (self.alpha, self.beta):
-            if p is not None:
-                p.clamp_(min_range, 1.0)
+        for p, lo, hi in self.bounds(min_range):
+            p.clamp_(lo, hi)
 
     @torch.no_grad()
     def finalize(self) -> tuple[Tensor, Tensor, Tensor]:
         """Integer codes [out, in] int32, scale and zero [out, ng] under wq.primitives conventions."""
         s, z = self.qparams()  # already fp16-exact scales, integer zeros
+        in_f = self.w.shape[1]
+        if self.kept is not None:
+            q = self.kept
+        else:  # V = 0 keeps wq.primitives' own rounding (w / s): exactly rtn's codes
+            wg = P.group_view(self.w.float(), self.v.shape[2])
+            q = torch.clamp(torch.round(wg / s + self.v) + z, 0, self.scheme.maxq)
         s, z = s.squeeze(2), z.squeeze(2)
         assert torch.equal(s, P.round_scale(s))
-        in_f = self.w.shape[1]
-        q = torch.clamp(torch.round(self.wg / s[..., None] + self.v) + z[..., None], 0, self.scheme.maxq)
         return q.flatten(1)[:, :in_f].to(torch.int32), s, z
 
 
@@ -220,15 +215,14 @@ def _collate(items: list):
 
 @torch.no_grad()
 def _per_sample_loss(block: nn.Module, states: list[_Target], samples: list, bs: int, dev) -> list[float]:
-    """MSE of every calibration sample with the current fake-quantized weights."""
-    weights = {f"{t.name}.weight": t.fake_quant() for t in states}
+    """MSE of every calibration sample with the current fake-quantized weights (inside quantized_forwards)."""
     losses: list[float] = []
     for j in range(0, len(samples), bs):
         chunk = samples[j : j + bs]
         x = torch.cat([c[0] for c in chunk], 0).to(dev, torch.float32)
         y = torch.cat([c[2] for c in chunk], 0).to(dev, torch.float32)
         kw = _to_device(_collate([c[1] for c in chunk]), dev)
-        out = _block_out(functional_call(block, weights, (x,), kw))
+        out = _block_out(block(x, **kw))
         losses += (out - y).pow(2).flatten(1).mean(1).tolist()  # [chunk]
     return losses
 
@@ -271,7 +265,7 @@ def autoround_block(
     if iters < 0:
         raise ValueError(f"autoround: iters={iters} must be >= 0")
     lr = 1.0 / max(iters, 1) if lr is None else lr
-    states = [_Target.make(n, block.get_submodule(n).weight, s, learn_range) for n, s in plan.items()]
+    states = [_Target.make(n, block.get_submodule(n), s, learn_range) for n, s in plan.items()]
     for t in states:
         if not t.scheme.is_int:
             raise ValueError(f"autoround: {t.name} has float scheme {t.scheme}; use an integer scheme")
@@ -297,68 +291,77 @@ def autoround_block(
     was_training = block.training
     block.eval()
     t0 = time.perf_counter()
+    # with several ranks the gradients are summed first (all at once); with one, a parameter's signed step is
+    # taken in the backward, as soon as its gradient is complete, so the block's gradients are never all held
+    stepper = _SignedSteps(states, min_range) if rank_world()[1] == 1 else None
     try:
-        # Minibatch losses of different samples are not comparable (some text is harder): score each
-        # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
-        rtn_per_sample = all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))  # V = 0: RTN
-        rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
-        best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
-        best: list[list[Tensor]] | None = None  # None: RTN (reset_to_rtn), no copy kept
-        for it in range(iters + 1):  # iteration `iters` only evaluates the last update
-            if len(order) < bs:
-                order += torch.randperm(total, generator=gen).tolist()
-            idx, order = order[:bs], order[bs:]
-            local = members(idx)
-            need_grad = it < iters
-            with torch.set_grad_enabled(need_grad):
-                if local:
-                    x = torch.cat([samples[i][0] for i in local], 0).to(dev, torch.float32)
-                    y = torch.cat([samples[i][2] for i in local], 0).to(dev, torch.float32)
-                    kw = _to_device(_collate([samples[i][1] for i in local]), dev)
-                    weights = {f"{t.name}.weight": t.fake_quant() for t in states}
-                    out = _block_out(functional_call(block, weights, (x,), kw))
-                    # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples)
-                    loss = (out - y).pow(2).sum() / (out[0].numel() * len(idx))
-                else:  # no member of this minibatch here: a zero share, but the same collectives as the others
-                    loss = sum(t.fake_quant().sum() * 0.0 for t in states) if need_grad else torch.zeros(())
-            loss_all = all_reduce_scalar(float(loss.detach()))
-            score = loss_all / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
-            if score < best_score:
-                best_score, best_iter = score, it
-                if best is None:
-                    best = [t.snapshot() for t in states]
-                else:  # into the same tensors: never two copies of every Linear's state at once
-                    for t, b in zip(states, best):
-                        t.save_into(b)
-            if not need_grad:
-                break
-            # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-            _sum_over_ranks(grads)
-            step = lr * (1.0 - it / iters)  # linear decay to 0
-            with torch.no_grad():
-                torch._foreach_sign_(grads)  # in place: no second copy of every gradient
-                torch._foreach_add_(params, grads, alpha=-step)
-            del grads
-            for t in states:
-                t.clamp_(min_range)
-        for i, t in enumerate(states):
-            if best is None:
-                t.reset_to_rtn()
-            else:
-                t.restore(best[i])
-        del best
-        best_loss = rtn_loss
-        if best_iter > 0:  # confirm on every sample; few or large steps can win one minibatch only
-            best_loss = sum(all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))) / total
-            if best_loss >= rtn_loss:
-                log.info("autoround: iterate %d (loss %.4g) is not better than RTN (%.4g) on all samples; "
-                         "keeping RTN", best_iter, best_loss, rtn_loss)
-                best_iter, best_loss = 0, rtn_loss
+        with quantized_forwards({block.get_submodule(t.name): t.forward for t in states}):
+            # Minibatch losses of different samples are not comparable (some text is harder): score each
+            # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
+            rtn_per_sample = all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))  # V = 0: RTN
+            rtn_loss = sum(rtn_per_sample) / len(rtn_per_sample)
+            best_score, best_iter = 1.0, 0  # iteration 0 is RTN itself
+            best: list[list[Tensor]] | None = None  # None: RTN (reset_to_rtn), no copy kept
+            for it in range(iters + 1):  # iteration `iters` only evaluates the last update
+                if len(order) < bs:
+                    order += torch.randperm(total, generator=gen).tolist()
+                idx, order = order[:bs], order[bs:]
+                local = members(idx)
+                need_grad = it < iters
+                with torch.set_grad_enabled(need_grad):
+                    if local:
+                        x = torch.cat([samples[i][0] for i in local], 0).to(dev, torch.float32)
+                        y = torch.cat([samples[i][2] for i in local], 0).to(dev, torch.float32)
+                        kw = _to_device(_collate([samples[i][1] for i in local]), dev)
+                        out = _block_out(block(x, **kw))
+                        # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples)
+                        loss = (out - y).pow(2).sum() / (out[0].numel() * len(idx))
+                    else:  # no member of this minibatch here: a zero share, but the same collectives as the others
+                        loss = torch.zeros(())
+                loss_all = all_reduce_scalar(float(loss.detach()))
+                score = loss_all / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
+                if score < best_score:
+                    best_score, best_iter = score, it
+                    if best is None:
+                        best = [t.snapshot() for t in states]
+                    else:  # into the same tensors: never two copies of every Linear's state at once
+                        for t, b in zip(states, best):
+                            t.save_into(b)
+                if not need_grad:
+                    break
+                step = lr * (1.0 - it / iters)  # linear decay to 0
+                if stepper is not None:  # one process: each parameter steps as soon as its gradient is complete
+                    stepper.step = step
+                    loss.backward()
+                    continue
+                # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
+                grads = torch.autograd.grad(loss, params, allow_unused=True) if local else [None] * len(params)
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+                _sum_over_ranks(grads)
+                with torch.no_grad():
+                    torch._foreach_sign_(grads)  # in place: no second copy of every gradient
+                    torch._foreach_add_(params, grads, alpha=-step)
+                del grads
                 for t in states:
+                    t.clamp_(min_range)
+            for i, t in enumerate(states):
+                if best is None:
                     t.reset_to_rtn()
+                else:
+                    t.restore(best[i])
+            del best
+            best_loss = rtn_loss
+            if best_iter > 0:  # confirm on every sample; few or large steps can win one minibatch only
+                best_loss = sum(all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))) / total
+                if best_loss >= rtn_loss:
+                    log.info("autoround: iterate %d (loss %.4g) is not better than RTN (%.4g) on all samples; "
+                             "keeping RTN", best_iter, best_loss, rtn_loss)
+                    best_iter, best_loss = 0, rtn_loss
+                    for t in states:
+                        t.reset_to_rtn()
     finally:
+        if stepper is not None:
+            stepper.remove()
         for p in frozen:
             p.requires_grad_(True)
         block.train(was_training)
@@ -369,12 +372,34 @@ def autoround_block(
     results = {}
     for t in states:
         q, scale, zero = t.finalize()
-        w_hat = P.dequantize(q, scale, zero, t.scheme.group_for(t.w.shape[1]))
+        w_hat = P.dequantize(q, scale, zero, t.scheme.group_for(t.w.shape[1]))  # [out, in] fp32
         stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
                  "seconds": seconds}
         results[t.name] = QuantResult(PackedWeight.from_codes(q, scale, zero, t.scheme),
-                                      P.relative_error(t.w, w_hat), stats)
+                                      P.relative_error(t.w.float(), w_hat), stats)
     return results
+
+
+class _SignedSteps:
+    """p -= step * sign(dL/dp), then p clamped to its range, run by autograd right after p's gradient is
+    accumulated (a post-accumulate-grad hook); the gradient is dropped at once. The same arithmetic as the
+    batched update below, one parameter at a time."""
+
+    def __init__(self, states: list[_Target], min_range: float):
+        self.step = 0.0
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
+                        for t in states for p, lo, hi in t.bounds(min_range)]
+
+    def _hook(self, lo: float, hi: float):
+        @torch.no_grad()
+        def hook(p: Tensor) -> None:
+            g, p.grad = p.grad, None
+            p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _sum_over_ranks(grads: list[Tensor]) -> None:
@@ -397,6 +422,7 @@ class AutoRound(Algorithm):
     name = "autoround"
     needs_calibration = True
     granularity = "block"
+    reads_16bit_weights = True  # _Target reads a Linear's weights in fp32 where used, never copies or writes them
 
     def quantize_block(
         self,

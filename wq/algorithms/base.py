@@ -36,6 +36,9 @@ class Algorithm:
     needs_calibration: bool = False
     granularity: str = "layer"  # "layer" or "block": what wq.calib hands a calibrated algorithm
     consumes_hessian: bool = False  # "layer": may overwrite an H it owns (see above)
+    # "block": the planned Linears may keep their bf16/fp16 storage weights (the algorithm reads them in fp32 and
+    # never writes them; wq.calib.upcast). "layer" algorithms always get them so.
+    reads_16bit_weights: bool = False
 
     def __init__(self, **settings):
         self.settings = settings

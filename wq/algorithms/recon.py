@@ -38,18 +38,9 @@ from ..calib.distributed import all_reduce_grads_, all_reduce_scalar
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from ..transforms.weights import linear_weight, module_weight
-from .autoround import (
-    _block_out,
-    _collate,
-    _FakeQuant,
-    _samples,
-    _Snapshots,
-    _ste_fp16,
-    _ste_round,
-    _to_device,
-    autoround_block,
-)
+from .autoround import _block_out, _collate, _samples, _Snapshots, _to_device, autoround_block
 from .base import ALGORITHMS, Algorithm, QuantResult
+from .fake_quant import FakeQuant, ste_fp16, ste_round
 from .gptq import gptq_quantize
 from .hessian import block_hessians
 from .rtn import rtn_quantize
@@ -88,7 +79,7 @@ class _Layer(_Snapshots):
         s0 = pw.scales.t().float().to(w.device)[..., None]
         z0 = pw.zeros.t().float().to(w.device)[..., None]
         base = q0 - z0  # the integer grid point of each weight
-        u = wg * (1.0 / s0)  # same arithmetic as _FakeQuant, so round(u + v) is exactly base
+        u = wg * (1.0 / s0)  # same arithmetic as FakeQuant, so round(u + v) is exactly base
         v = base + (u - base).clamp(-_FRAC, _FRAC) - u
         return cls(name, scheme, module, w, wg, s0, torch.ones_like(s0, requires_grad=True),
                    z0.clone().requires_grad_(not scheme.sym), v.requires_grad_(True))
@@ -97,21 +88,21 @@ class _Layer(_Snapshots):
         return [self.v, self.m] + ([self.z] if not self.scheme.sym else [])
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        s = _ste_fp16(self.s0 * self.m)
+        s = ste_fp16(self.s0 * self.m)
         if self.scheme.sym:
             return s, self.z
-        return s, torch.clamp(_ste_round(self.z), 0, self.scheme.maxq)
+        return s, torch.clamp(ste_round(self.z), 0, self.scheme.maxq)
 
     def fake_quant(self) -> Tensor:
         """w_hat [out, in], differentiable in (v, m, z)."""
         s, z = self.qparams()
-        w_hat = _FakeQuant.apply(self.wg, self.v, s, z, self.scheme.maxq).flatten(1)
+        w_hat = FakeQuant.apply(self.wg, self.v, s, z, self.scheme.maxq).flatten(1)
         return w_hat[:, : self.w.shape[1]]
 
     @torch.no_grad()
     def finalize(self) -> QuantResult:
         s, z = self.qparams()
-        qf = torch.round(self.wg * (1.0 / s) + self.v).add_(z).clamp_(0, self.scheme.maxq)  # as _FakeQuant
+        qf = torch.round(self.wg * (1.0 / s) + self.v).add_(z).clamp_(0, self.scheme.maxq)  # as FakeQuant
         q = qf.flatten(1)[:, : self.w.shape[1]].to(torch.int32)
         s, z = s.squeeze(2), z.squeeze(2)
         w_hat = P.dequantize(q, s, z, self.scheme.group_for(self.w.shape[1]))

@@ -403,10 +403,11 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
     for i in bar:
         t0 = time.perf_counter()
         bname = f"{prefix}.{i}"
-        # layer algorithms get the planned Linears' weights in their bf16/fp16 storage and compute in fp32
-        # (wq.calib.upcast: exact, half the block's memory); block algorithms train on an fp32 block
+        # layer algorithms (and block algorithms that declare it) get the planned Linears' weights in their
+        # bf16/fp16 storage and compute in fp32 (wq.calib.upcast: exact, half the block's memory); other block
+        # algorithms train on an fp32 block
         dtype = source.dtype if source is not None else _float_dtype(blocks[i])
-        keep16 = (granularity == "layer" and dtype in UPCAST_EXACT
+        keep16 = ((granularity == "layer" or algorithm.reads_16bit_weights) and dtype in UPCAST_EXACT
                   and not (source is not None and source.reader.fp8_block))  # FP8: dequantized straight to fp32
         if source is not None:  # read this block from the shards, on the compute device
             source.load_block(i, dev, dtype if keep16 else torch.float32)
@@ -425,10 +426,11 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                                                     budget=int(s["hessian_budget"]),
                                                     spill_dir=str(ckpt.dir) if ckpt is not None else None)
         else:
-            with torch.no_grad():  # the unquantized block on the full-precision stream
+            with torch.no_grad(), fp32_linears(kept):  # the unquantized block on the full-precision stream
                 targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
             t = time.perf_counter()
-            results = algorithm.quantize_block(block, names, hidden, kwargs, targets)
+            with fp32_linears(kept):
+                results = algorithm.quantize_block(block, names, hidden, kwargs, targets)
             fp_hidden = targets  # inputs of the next unquantized block
             seconds = {rel: (time.perf_counter() - t) / max(len(names), 1) for rel in names}
         missing = set(names) - set(results)
