@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tests.conftest import make_tiny_llama
@@ -37,8 +39,9 @@ def test_shared_hessians_are_never_overwritten_and_results_do_not_change(tmp_pat
     class Copying(GPTQ):
         consumes_hessian = False
 
+    twin = copy.deepcopy(block)  # each run frees the weights it has quantized
     got, _ = _quantize_layers(block, names, Rec(), hidden, kwargs, torch.device("cpu"), spill_dir=str(tmp_path))
-    ref, _ = _quantize_layers(block, names, Copying(), hidden, kwargs, torch.device("cpu"))
+    ref, _ = _quantize_layers(twin, names, Copying(), hidden, kwargs, torch.device("cpu"))
     order = list(names)  # q k v o gate up down: q/k/v share one input, gate/up another
     want = {"q_proj": False, "k_proj": False, "v_proj": True, "o_proj": True, "gate_proj": False, "up_proj": True,
             "down_proj": True}

@@ -544,7 +544,8 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
     `spill_dir`, the run's disk) instead of holding a second [in, in] matrix.
     """
     results, seconds = {}, {}
-    for group in _hessian_groups(block, names, budget):
+    groups = _hessian_groups(block, names, budget)
+    for gi, group in enumerate(groups):
         H, count, alias = _accumulate(block, group, hidden, kwargs, dev)
         fallback = _expert_fallbacks(block, group, H, count, alias, hidden, kwargs, dev, min_tokens)
         trim()  # the calibration forwards' activations are freed: their pages go back before gptq's work
@@ -575,8 +576,19 @@ def _quantize_layers(block: nn.Module, names: dict[str, QuantScheme], algorithm,
             del ws, many
             for rel in rels:
                 del hessian[rel]
+                if gi == len(groups) - 1:  # no calibration forward of this block is left to need it
+                    _drop_weight(block.get_submodule(rel))
             trim()  # the layer's temporaries go back to the OS before the next (larger) one
     return results, seconds
+
+
+def _drop_weight(lin: nn.Module) -> None:
+    """Free a quantized Linear's original weight before the block's next Linear is quantized (its QuantLinear
+    replaces it once the block is done): a meta tensor of the same shape and dtype keeps what the report
+    reads (numel, itemsize). Llama's q..up_proj are 64 MiB of a hidden-2048 block while down_proj, the
+    largest Hessian, is quantized."""
+    w = lin.weight
+    lin.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
 
 
 def _scratch(algorithm, hessian: dict[str, Tensor], rel: str, spill_dir: str | None) -> dict:
