@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import wq
 from tests.conftest import make_tiny_llama
+from wq.calib import upcast
 from wq.calib.upcast import fp32_linears
 from wq.nn import QuantLinear
 
 
-def test_bf16_linears_compute_like_an_fp32_block():
+@pytest.mark.parametrize("chunk", [1 << 21, 64 * 24])  # one conversion per Linear; a few output rows at a time
+def test_bf16_linears_compute_like_an_fp32_block(chunk, monkeypatch):
+    monkeypatch.setattr(upcast, "_CHUNK", chunk)
     model = make_tiny_llama(hidden=64, inter=160, layers=1).to(torch.bfloat16)
     block = model.model.layers[0]
     ref = copy.deepcopy(block).float()
