@@ -30,14 +30,23 @@ def _linear_fp32(lin: nn.Linear, x: Tensor) -> Tensor:
     w = lin.weight  # [out, in]
     bias = None if lin.bias is None else lin.bias.float()
     out_f, in_f = w.shape
-    rows = max(1, _CHUNK // max(in_f, 1))
-    if rows >= out_f:
+    edges = _chunk_edges(out_f, in_f)
+    if len(edges) == 2:
         return F.linear(x, w.float(), bias)
     y = x.new_empty(*x.shape[:-1], out_f)  # [..., out]
-    for r0 in range(0, out_f, rows):
-        r1 = min(r0 + rows, out_f)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
         y[..., r0:r1] = F.linear(x, w[r0:r1].float(), None if bias is None else bias[r0:r1])
     return y
+
+
+def _chunk_edges(out_f: int, in_f: int) -> list[int]:
+    """Row boundaries [0, ..., out_f]: multiples of 64 rows of about _CHUNK elements, none narrower than 64 (a
+    few-column matmul takes another BLAS kernel, whose sums may round differently: seen with 8 and 9 columns)."""
+    rows = max(64, _CHUNK // max(in_f, 1) // 64 * 64)
+    edges = list(range(0, out_f, rows))
+    if len(edges) > 1 and out_f - edges[-1] < 64:
+        edges.pop()  # a narrow remainder joins the chunk before it
+    return edges + [out_f]
 
 
 @contextlib.contextmanager
