@@ -251,8 +251,9 @@ def test_a_released_quantized_block_keeps_no_tensor():
 
 
 def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
-    """gptq keeps a bf16 block's Linear weights as stored (wq.calib.upcast); block algorithms train on an fp32 block:
-    the estimate's block term differs by the block's fp32 - bf16 size, and data-free runs hold it as stored."""
+    """gptq and autoround keep a bf16 block's Linear weights as stored (wq.calib.upcast); other block algorithms
+    train on an fp32 block: the estimate's block term differs by the block's fp32 - bf16 size, and data-free runs
+    hold it as stored. Block algorithms add their own state per weight."""
     from wq.plan.memory import estimate_streamed
     from wq.scheme import QuantScheme
 
@@ -265,6 +266,13 @@ def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
     kw = {"nsamples": 4, "seqlen": 16}
     rtn = estimate_streamed(sk, plan, calibrated=False).terms["block"]
     gptq = estimate_streamed(sk, plan, calibrated=True, **kw).terms["block"]
-    ar = estimate_streamed(sk, plan, calibrated=True, block_algo=True, **kw).terms["block"]
+    fp32 = estimate_streamed(sk, plan, calibrated=True, block_algo=True, **kw).terms["block"]
     stored = sum(p.numel() * 2 for p in sk.blocks[0].parameters())
-    assert gptq == rtn and ar - gptq == stored  # fp32 is twice bf16: one more stored size
+    assert gptq == rtn and fp32 - gptq == stored  # fp32 is twice bf16: one more stored size
+    # autoround reads the bf16 weights as stored and adds its own state, counted per planned weight of a block
+    from wq.algorithms.autoround import AutoRound
+
+    est = estimate_streamed(sk, plan, calibrated=True, block_algo=True, reads_16bit=AutoRound.reads_16bit_weights,
+                            state_per_weight=AutoRound.state_bytes_per_weight, **kw).terms
+    weights = sum(m.weight.numel() for n, m in sk.blocks[0].named_modules() if isinstance(m, torch.nn.Linear))
+    assert est["block"] == gptq and est["algorithm state"] == int(7.0 * weights)

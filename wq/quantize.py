@@ -413,9 +413,13 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
     from .calib.distributed import rank_world
 
+    ranks = rank_world()[1]
     est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
-                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=rank_world()[1], low_mem=cfg.low_mem,
-                            device=device, hessian_budget=int(cfg.hessian_budget * 2**30))
+                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=ranks, low_mem=cfg.low_mem,
+                            device=device, hessian_budget=int(cfg.hessian_budget * 2**30),
+                            reads_16bit=getattr(algo, "reads_16bit_weights", False),
+                            state_per_weight=getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1
+                                                     else "state_bytes_per_weight", 0.0))
     log.info("%s", est.table())
     if not est.fits:
         if not cfg.force:

@@ -423,6 +423,10 @@ class AutoRound(Algorithm):
     needs_calibration = True
     granularity = "block"
     reads_16bit_weights = True  # _Target reads a Linear's weights in fp32 where used, never copies or writes them
+    # V (4), the saved codes and clamp mask (2), the best iterate's codes (1); several ranks hold every gradient (4)
+    # for the all-reduce, one process steps each parameter as its gradient completes
+    state_bytes_per_weight = 7.0
+    state_bytes_per_weight_ranks = 11.0
 
     def quantize_block(
         self,

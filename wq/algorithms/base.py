@@ -39,6 +39,10 @@ class Algorithm:
     # "block": the planned Linears may keep their bf16/fp16 storage weights (the algorithm reads them in fp32 and
     # never writes them; wq.calib.upcast). "layer" algorithms always get them so.
     reads_16bit_weights: bool = False
+    # "block": working state held while a block is quantized, in bytes per weight of its planned Linears, with one
+    # process and with several (the memory estimate's "algorithm state" term; wq.plan.memory)
+    state_bytes_per_weight: float = 0.0
+    state_bytes_per_weight_ranks: float = 0.0
 
     def __init__(self, **settings):
         self.settings = settings

@@ -273,6 +273,9 @@ class Recon(Algorithm):
     name = "recon"
     needs_calibration = True
     granularity = "block"
+    # V, Adam's two moments, its gradient and the best iterate (4 each), an fp32 copy of the weights (4), the saved
+    # w_hat (4), codes and clamp mask (2)
+    state_bytes_per_weight = state_bytes_per_weight_ranks = 30.0
 
     def quantize_block(self, block: nn.Module, plan: dict[str, QuantScheme], inputs: list[Tensor],
                        kwargs: list[dict], targets: list[Tensor]) -> dict[str, QuantResult]:

@@ -4,9 +4,11 @@ machine has. Every term comes from the checkpoint's headers, the model's config 
     process now        the interpreter with torch and transformers already imported (measured: VmRSS)
     outside            tensors outside the decoder blocks (embeddings, norm, head), in their stored dtype,
                        plus an fp32 copy of them while the calibration inputs are captured
-    block              the largest decoder block in its stored dtype (data-free, and gptq on bf16/fp16 weights,
-                       computed in fp32 one Linear at a time) or in fp32 (block algorithms, FP8 sources), its
-                       quantized copy, and the fp32 copy of its largest Linear
+    block              the largest decoder block in its stored dtype (data-free, and gptq or autoround on bf16/fp16
+                       weights, computed in fp32 one Linear at a time) or in fp32 (other block algorithms, FP8
+                       sources), its quantized copy, and the fp32 copy of its largest Linear
+    algorithm state    block algorithms: what they hold per weight of the block's planned Linears while they
+                       train (the algorithm's `state_bytes_per_weight`; autoround 7 bytes, 11 with several ranks)
     hessians           gptq: the block's input Hessians (fp32 [in, in] per distinct input), capped by the
                        hessian budget (several passes beyond it)
     calibration stream this rank's samples x seqlen x hidden x 4 bytes, x2 while a block's outputs are
@@ -112,8 +114,10 @@ def rss_now() -> int:
 
 def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: bool = False, nsamples: int = 0,
                       seqlen: int = 0, processes: int = 1, low_mem: bool = False, device: str = "cpu",
-                      hessian_budget: int = 4 * 1024**3, write_buffer: int = 1024**3) -> MemoryEstimate:
-    """What a streamed run of `plan` over `skeleton` (wq.loading.skeleton.Skeleton) will hold at its peak."""
+                      hessian_budget: int = 4 * 1024**3, write_buffer: int = 1024**3, reads_16bit: bool = False,
+                      state_per_weight: float = 0.0) -> MemoryEstimate:
+    """What a streamed run of `plan` over `skeleton` (wq.loading.skeleton.Skeleton) will hold at its peak.
+    reads_16bit / state_per_weight: a block algorithm's capabilities (wq.algorithms.base.Algorithm)."""
     from ..nn.surgery import linear_candidates
 
     reader = skeleton.reader
@@ -129,7 +133,7 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
     elem = max(skeleton.dtype.itemsize, 1)
     import torch
 
-    upcast = (not block_algo and skeleton.dtype in (torch.bfloat16, torch.float16)
+    upcast = ((not block_algo or reads_16bit) and skeleton.dtype in (torch.bfloat16, torch.float16)
               and not getattr(reader, "fp8_block", None))  # wq.calib.upcast: 16-bit weights stay as stored
     block_fp32 = block_stored * 4 // elem if calibrated and not upcast else block_stored
     shapes = linear_candidates(skeleton.model)
@@ -147,6 +151,8 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
     host = {"process now": rss_now(), "outside": outside + (outside * 4 // elem if calibrated else 0)}
     gpu: dict[str, int] = {}
     (gpu if on_gpu else host)["block"] = block_fp32 + quantized + largest
+    if calibrated and block_algo and state_per_weight:
+        (gpu if on_gpu else host)["algorithm state"] = int(state_per_weight * sum(i * o for i, o in in_block.values()))
     if hessians:
         (gpu if on_gpu else host)["hessians"] = hessians
     if stream:
