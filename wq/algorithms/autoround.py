@@ -60,7 +60,7 @@ class _Snapshots:
 
 
 @dataclass
-class _Target(_Snapshots):
+class _Target:
     """One Linear's learnable rounding state. The weights stay in the Linear's own storage (bf16 in a streamed
     run: read in fp32 one Linear at a time, which is exact) and the grouped view [out, ng, G] is made where it
     is used; wq.algorithms.fake_quant keeps the autograd state of the whole block to 1-2 bytes a weight."""
