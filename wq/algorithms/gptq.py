@@ -249,7 +249,8 @@ def _objective_packed(w: Tensor, packed: PackedWeight, H: Tensor, scheme: QuantS
         loss += float((e @ H * e).sum())
         err_sq += float(e.pow(2).sum())
         w_sq += float(w0.pow(2).sum())
-        sampled.append(e[-r0 % step::step])  # the rows whose index is a multiple of step
+        sampled.append(e[-r0 % step::step].clone())  # the rows whose index is a multiple of step (a view would keep
+        # every chunk's whole error alive: ~45 MiB at down_proj's shape)
     error = (err_sq ** 0.5) / max(w_sq ** 0.5, 1e-12)
     return error, _sampled_objective(w[::step].float(), torch.cat(sampled), H, scheme, mse, loss, sampled=step > 1)
 
