@@ -11,7 +11,7 @@ with no tensor alive between shards, and at 464 MiB with `malloc_trim` after eac
 processed since the last call; `trim()` calls it at once (after a block is released). The trim itself
 is cheap, but the pages it returns are faulted in again (zeroed) by the next tensors: once rtn's
 temporaries became small (a slice of rows at a time), trimming every 64 MiB cost 14% of a model-free
-run's wall time and 3.3 vs 2.0 s of system time (16 blocks of hidden 2048, farm-bench A/B against the
+run's wall time and 3.3 vs 2.0 s of system time (16 blocks of hidden 2048, paired A/B (A B A B, whole-process CPU and peak RSS) against the
 whole-model path, load 2-3: 1.14x with trims every 64 MiB, 1.06x every 512 MiB, 1.00x never). Without
 trims the heap does grow between them (RssAnon +40 MiB per ~5 blocks of 32), so a 32-block run peaked
 at 675 MiB trimming once per GiB and at 626 MiB every 256 MiB (620 every 64 MiB): 256 MiB it is. Both
@@ -86,7 +86,7 @@ def return_freed_memory(mmap_threshold: int = 1 << 20) -> bool:
     """The other way round from keep_freed_memory, for --low-mem: every allocation of `mmap_threshold` bytes or
     more gets its own mapping, given back to the OS when it is freed (glibc otherwise raises the threshold to
     the largest chunk freed so far, up to 32 MiB, and serves weight-sized tensors from a heap that fragments).
-    Measured (farm-bench, 3 pairs, streamed gptq on 2 blocks of hidden 2048, load 2.2-2.8): peak RSS 1379 ->
+    Measured (paired A/B, 3 pairs, streamed gptq on 2 blocks of hidden 2048, load 2.2-2.8): peak RSS 1379 ->
     1243 MiB, +8.6% wall time (system time 4.5 -> 9.1 s: every large allocation is faulted in afresh).
     False where it is not glibc."""
     fn = _mallopt()
