@@ -54,3 +54,14 @@ def test_gptq_on_a_bf16_model_equals_gptq_on_its_fp32_copy():
     for n, q in qs.items():
         r = fp32.get_submodule(n)
         assert torch.equal(q.qweight, r.qweight) and torch.equal(q.scales, r.scales), n
+
+
+def test_row_chunks_cover_the_rows_and_none_is_narrow():
+    from wq.primitives import row_chunks
+
+    for out_f, in_f, elements in [(200, 64, 1), (5632, 2048, 1 << 21), (100, 64, 1), (2048, 53248, 1 << 21), (64, 8, 1)]:
+        chunks = row_chunks(out_f, in_f, elements)
+        assert chunks[0][0] == 0 and chunks[-1][1] == out_f
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(r1 - r0 >= min(64, out_f) for r0, r1 in chunks), chunks
+    assert row_chunks(200, 64, 1) == [(0, 64), (64, 128), (128, 200)]  # the 8-row remainder joins the chunk before it

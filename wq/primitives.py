@@ -33,6 +33,18 @@ def group_view(w: Tensor, group: int) -> Tensor:
     return w.reshape(out_f, n_groups, group)
 
 
+def row_chunks(out_f: int, in_f: int, elements: int) -> list[tuple[int, int]]:
+    """(r0, r1) row ranges over [out_f, in_f] of about `elements` elements each, in multiples of 64 rows and none
+    narrower than 64 (a narrow remainder joins the chunk before it): a matmul only a few columns wide takes
+    another BLAS kernel, whose sums may round differently (seen on this CPU with 8 and 9 columns)."""
+    rows = max(64, elements // max(in_f, 1) // 64 * 64)
+    edges = list(range(0, out_f, rows))
+    if len(edges) > 1 and out_f - edges[-1] < 64:
+        edges.pop()
+    edges.append(out_f)
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def expand_groups(t: Tensor, group: int, in_features: int) -> Tensor:
     """[out, n_groups] -> [out, in]: repeat each group's value over its columns."""
     return t.repeat_interleave(group, dim=1)[:, :in_features]

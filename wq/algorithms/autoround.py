@@ -40,25 +40,6 @@ log = logging.getLogger(__name__)
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
 
-class _Snapshots:
-    """Keep and bring back the best iterate of a layer's learnable tensors (those `params()` returns)."""
-
-    @torch.no_grad()
-    def snapshot(self) -> list[Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    @torch.no_grad()
-    def save_into(self, saved: list[Tensor]) -> None:
-        """snapshot() into the tensors of an earlier snapshot (no new memory)."""
-        for p, s in zip(self.params(), saved):
-            s.copy_(p)
-
-    @torch.no_grad()
-    def restore(self, saved: list[Tensor]) -> None:
-        for p, s in zip(self.params(), saved):
-            p.copy_(s)
-
-
 @dataclass
 class _Target:
     """One Linear's learnable rounding state. The weights stay in the Linear's own storage (bf16 in a streamed

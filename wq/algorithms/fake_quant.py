@@ -54,8 +54,9 @@ def codes(w: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
     return qz.add_(z).to(torch.uint8 if maxq <= 255 else torch.int16)
 
 
-def _small(qz: Tensor, maxq: int) -> Tensor:
-    return qz.to(torch.int8 if maxq <= 127 else torch.int16)
+def _small_dtype(maxq: int) -> torch.dtype:
+    """q - z lies in [-maxq, maxq]: one byte up to 7 bits, two above."""
+    return torch.int8 if maxq <= 127 else torch.int16
 
 
 def _grads(g: Tensor, wg: Tensor, qz: Tensor, inside: Tensor, inv_s: Tensor, s: Tensor):
@@ -77,7 +78,7 @@ class FakeQuant(torch.autograd.Function):
         w_hat = qz * s
         # kept for the backward as small integers (1 or 2 bytes instead of 4: the saved state of a block's
         # every Linear is alive at once)
-        ctx.save_for_backward(wg, _small(qz, maxq), inside, inv_s, s)
+        ctx.save_for_backward(wg, qz.to(_small_dtype(maxq)), inside, inv_s, s)
         return w_hat
 
     @staticmethod
@@ -96,11 +97,6 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
 _CHUNK = 1 << 20  # weights per row chunk of the elementwise passes: their fp32 temporaries stay ~4 MiB each
 
 
-def _row_chunks(out_f: int, in_f: int):
-    rows = max(1, _CHUNK // max(in_f, 1))
-    return ((r, min(r + rows, out_f)) for r in range(0, out_f, rows))
-
-
 class QuantLinearFn(torch.autograd.Function):
     """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, v, s and z.
 
@@ -114,15 +110,15 @@ class QuantLinearFn(torch.autograd.Function):
         out_f, in_f = w.shape
         G = v.shape[2]
         w_hat = torch.empty(out_f, v.shape[1] * G, dtype=torch.float32, device=w.device)  # [out, ng*G]
-        qz_small = torch.empty(v.shape, dtype=torch.int8 if maxq <= 127 else torch.int16, device=w.device)
+        qz_small = torch.empty(v.shape, dtype=_small_dtype(maxq), device=w.device)
         inside = torch.empty(v.shape, dtype=torch.bool, device=w.device)
-        for r0, r1 in _row_chunks(out_f, in_f):
+        for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
             qz, ins, _ = _codes(P.group_view(w[r0:r1].float(), G), v[r0:r1], s[r0:r1], z[r0:r1], maxq)
             qz_small[r0:r1] = qz
             inside[r0:r1] = ins
             w_hat[r0:r1] = qz.mul_(s[r0:r1]).flatten(1)
         ctx.save_for_backward(x, w, qz_small, inside, s)
-        return F.linear(x, _ungroup(w_hat.view(v.shape), in_f), bias)
+        return F.linear(x, w_hat[:, :in_f], bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -139,7 +135,7 @@ class QuantLinearFn(torch.autograd.Function):
         du = torch.empty(qz_small.shape, dtype=torch.float32, device=w.device)
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
-        for r0, r1 in _row_chunks(out_f, in_f):
+        for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
             gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
             sc = s[r0:r1]
             du[r0:r1], ds[r0:r1], dz[r0:r1] = _grads(gw, P.group_view(w[r0:r1].float(), G),

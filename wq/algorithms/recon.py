@@ -38,7 +38,7 @@ from ..calib.distributed import all_reduce_grads_, all_reduce_scalar
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from ..transforms.weights import linear_weight, module_weight
-from .autoround import _block_out, _collate, _samples, _Snapshots, _to_device, autoround_block
+from .autoround import _block_out, _collate, _samples, _to_device, autoround_block
 from .base import ALGORITHMS, Algorithm, QuantResult
 from .fake_quant import FakeQuant, ste_fp16, ste_round
 from .gptq import gptq_quantize
@@ -50,6 +50,25 @@ log = logging.getLogger(__name__)
 
 INITS = ("rtn", "gptq", "autoround")
 _FRAC = 0.45  # how much of W's own rounding fraction the offsets keep at init (< 0.5: codes stay q0)
+
+
+class _Snapshots:
+    """Keep and bring back the best iterate of a layer's learnable tensors (those `params()` returns)."""
+
+    @torch.no_grad()
+    def snapshot(self) -> list[Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    @torch.no_grad()
+    def save_into(self, saved: list[Tensor]) -> None:
+        """snapshot() into the tensors of an earlier snapshot (no new memory)."""
+        for p, s in zip(self.params(), saved):
+            s.copy_(p)
+
+    @torch.no_grad()
+    def restore(self, saved: list[Tensor]) -> None:
+        for p, s in zip(self.params(), saved):
+            p.copy_(s)
 
 
 @dataclass

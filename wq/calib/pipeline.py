@@ -426,10 +426,10 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
                                                     budget=int(s["hessian_budget"]),
                                                     spill_dir=str(ckpt.dir) if ckpt is not None else None)
         else:
-            with torch.no_grad(), fp32_linears(kept):  # the unquantized block on the full-precision stream
-                targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
-            t = time.perf_counter()
             with fp32_linears(kept):
+                with torch.no_grad():  # the unquantized block on the full-precision stream
+                    targets = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(fp_hidden, kwargs)]
+                t = time.perf_counter()
                 results = algorithm.quantize_block(block, names, hidden, kwargs, targets)
             fp_hidden = targets  # inputs of the next unquantized block
             seconds = {rel: (time.perf_counter() - t) / max(len(names), 1) for rel in names}

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import primitives as P
+
 UPCAST_EXACT = (torch.bfloat16, torch.float16)  # storage dtypes whose fp32 conversion is exact
 
 
@@ -29,24 +31,13 @@ def _linear_fp32(lin: nn.Linear, x: Tensor) -> Tensor:
     (tests/test_upcast.py; checked at the projections of hidden-576 and hidden-2048 Llamas, 1 and 2 threads)."""
     w = lin.weight  # [out, in]
     bias = None if lin.bias is None else lin.bias.float()
-    out_f, in_f = w.shape
-    edges = _chunk_edges(out_f, in_f)
-    if len(edges) == 2:
+    chunks = P.row_chunks(*w.shape, _CHUNK)
+    if len(chunks) == 1:
         return F.linear(x, w.float(), bias)
-    y = x.new_empty(*x.shape[:-1], out_f)  # [..., out]
-    for r0, r1 in zip(edges[:-1], edges[1:]):
+    y = x.new_empty(*x.shape[:-1], w.shape[0])  # [..., out]
+    for r0, r1 in chunks:
         y[..., r0:r1] = F.linear(x, w[r0:r1].float(), None if bias is None else bias[r0:r1])
     return y
-
-
-def _chunk_edges(out_f: int, in_f: int) -> list[int]:
-    """Row boundaries [0, ..., out_f]: multiples of 64 rows of about _CHUNK elements, none narrower than 64 (a
-    few-column matmul takes another BLAS kernel, whose sums may round differently: seen with 8 and 9 columns)."""
-    rows = max(64, _CHUNK // max(in_f, 1) // 64 * 64)
-    edges = list(range(0, out_f, rows))
-    if len(edges) > 1 and out_f - edges[-1] < 64:
-        edges.pop()  # a narrow remainder joins the chunk before it
-    return edges + [out_f]
 
 
 @contextlib.contextmanager
