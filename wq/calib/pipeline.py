@@ -77,6 +77,7 @@ from ..kernels.dispatch import exact_kernels
 from ..nn import QuantExperts, QuantLinear, set_module
 from ..scheme import QuantScheme
 from .data import calibration_samples
+from .microbatch import per_sample
 from .upcast import UPCAST_EXACT, fp32_linears
 
 log = logging.getLogger(__name__)
@@ -626,7 +627,8 @@ def _batches(block: nn.Module, group: dict[str, QuantScheme], algorithm, max_byt
 
 def _accumulate(block: nn.Module, names: dict[str, QuantScheme], hidden: list[Tensor], kwargs: list[dict],
                 dev: torch.device):
-    """One pass over the calibration batches: H[owner] = 2/n sum x^T x (summed over ranks), n, aliases."""
+    """One pass over the calibration batches, a sample at a time (wq.calib.microbatch):
+    H[owner] = 2/n sum x^T x (summed over ranks), n, aliases."""
     H: dict[str, Tensor] = {}  # one accumulator per distinct input: q/k/v (and gate/up) share theirs
     count: dict[str, int] = {}
     alias: dict[str, str] = {}  # Linear -> the Linear whose accumulator holds its input
@@ -652,8 +654,9 @@ def _accumulate(block: nn.Module, names: dict[str, QuantScheme], hidden: list[Te
     handles = [block.get_submodule(rel).register_forward_hook(make_hook(rel)) for rel in names]
     try:
         for h, kw in zip(hidden, kwargs):
-            last.clear()
-            block(h.to(dev), **kw)
+            for hs, kws in per_sample(h.to(dev), kw):  # sums over tokens: 1/B of a batch's activations
+                last.clear()
+                block(hs, **kws)
     finally:
         for hd in handles:
             hd.remove()
