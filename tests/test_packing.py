@@ -6,6 +6,26 @@ from wq.packing import PackedWeight, pack, packed_size, unpack
 from wq.scheme import QuantScheme
 
 
+@pytest.mark.parametrize("scheme", ["W4G128", "W3G32-asym", "W2G64"])
+def test_dequantize_in_row_chunks_equals_one_piece(scheme, monkeypatch):
+    import wq.packing as packing
+
+    s = QuantScheme.parse(scheme)
+    w = torch.randn(200, 256, generator=torch.Generator().manual_seed(2))  # [out, in]
+    scale, zero = P.minmax_qparams(w, s)
+    q = P.quantize(w, scale, zero, s)
+    pw = PackedWeight.from_codes(q, scale, zero, s)
+    pw_g = PackedWeight(pw.qweight, pw.scales, pw.zeros, s, 256, 200, g_idx=torch.arange(256, dtype=torch.int32) // s.group_size)
+    whole = [pw.dequantize(), pw_g.dequantize(torch.bfloat16)]
+    monkeypatch.setattr(packing, "_DEQUANT_CHUNK", 64 * 256)  # 64-row chunks: 64, 64, 72
+    assert packing.row_chunks(200, 256, packing._DEQUANT_CHUNK) == [(0, 64), (64, 128), (128, 200)]
+    chunked = [pw.dequantize(), pw_g.dequantize(torch.bfloat16)]
+    assert chunked[1].dtype == torch.bfloat16
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    assert torch.equal(chunked[0], P.dequantize(q, scale, zero, s.group_for(256)))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 96, 100, 576])
 def test_pack_round_trip_any_length(bits, n):
