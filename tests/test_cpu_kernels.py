@@ -210,6 +210,18 @@ def test_act_order_g_idx(name):
     assert rel_err(y, ref) < {"cpu_avx2": 1e-5, "cpu_avx2_dq": 1e-5}.get(name, 2e-2)
 
 
+@pytest.mark.parametrize(("scheme", "act_order"), [("W4G64", True), ("W3G32", False), ("W2G128", False), ("W8G-1", False)])
+def test_prepare_in_row_chunks_equals_one_piece(scheme, act_order, monkeypatch):
+    pw = random_packed(200, 256, scheme, seed=4, act_order=act_order)
+    whole = cpu_native.prepare_native(pw)
+    monkeypatch.setattr(cpu_native, "_PREPARE_CHUNK", 64 * 256)  # 64-row chunks: 64, 64, 72
+    chunked = cpu_native.prepare_native(pw)
+    for f in ("w", "scales", "zs", "zeros", "perm"):
+        a, b = getattr(whole, f), getattr(chunked, f)
+        assert (a is None and b is None) or torch.equal(a, b), f
+    assert torch.equal(chunked.to_packed(pw).codes(), pw.codes())
+
+
 def test_bf16_activations_round_trip_dtype():
     pw = random_packed(40, 576, "W4G128", seed=1)
     x = torch.randn(2, 576, dtype=torch.bfloat16)

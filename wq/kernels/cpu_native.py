@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..packing import PackedWeight
+from ..primitives import row_chunks
 from .cpu_aten import _act_order_perm, _ceil_to
 from .dispatch import KERNELS, Kernel
 from .reference import reference_matmul
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 _ext = None
+_PREPARE_CHUNK = 1 << 20  # weights per row chunk when repacking a layer
 _failed: str | None = None
 
 
@@ -188,15 +190,18 @@ def prepare_native(pw: PackedWeight) -> NativeState | None:
     kp = _ceil_to(k, 32)
     if pw.scheme.group_size == -1:
         group = kp
-    q = pw.codes().cpu()
-    if perm is not None:
-        q = q[:, perm]
+    packed = []
+    for r0, r1 in row_chunks(n, kp, _PREPARE_CHUNK):  # a whole weight's int32 codes: 4x its fp32 size in temporaries
+        q = pw.rows(r0, r1).codes().cpu()
+        if perm is not None:
+            q = q[:, perm]
+        codes = torch.zeros(r1 - r0, kp, dtype=torch.int32)
+        codes[:, :k] = q  # padded channels meet zero-padded activations
+        packed.append(pack_rows(codes, bits))  # rows are packed independently
     z = pw.zeros.float().cpu().t()  # [N, n_groups]
-    codes = torch.zeros(n, kp, dtype=torch.int32)
-    codes[:, :k] = q  # padded channels meet zero-padded activations
     s = pw.scales.float().cpu().t().contiguous()
-    return NativeState(pack_rows(codes, bits), s, (z * s).contiguous(), group, kp - k, perm,
-                       pw.zeros.cpu().t().contiguous())
+    return NativeState(torch.cat(packed) if len(packed) > 1 else packed[0], s, (z * s).contiguous(), group, kp - k,
+                       perm, pw.zeros.cpu().t().contiguous())
 
 
 def _run(x: Tensor, pw: PackedWeight, bias: Tensor | None, state: NativeState | None, fn_name: str) -> Tensor:
