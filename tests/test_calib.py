@@ -267,8 +267,9 @@ def test_hub_name_goes_through_datasets(monkeypatch):
 
 @pytest.mark.kernels  # the automatic CPU dispatch, not the reference the other tests pin
 def test_pipeline_recomputes_blocks_with_exact_kernels(monkeypatch, calib_ids):
-    """The quantized block's outputs feed the next block: at batch x seqlen = 128 the automatic CPU choice
-    is the int8-activation kernel, which the pipeline must pass over; inference afterwards gets it back."""
+    """The quantized block's outputs feed the next block: replayed a sample at a time (seqlen 32 rows), where
+    the automatic CPU choice is the int8-activation kernel, which the pipeline must pass over; inference
+    afterwards gets it back."""
     from wq.kernels import dispatch
 
     seen = []  # (M, exact_only() inside the call, the chosen kernel is exact)
@@ -281,7 +282,7 @@ def test_pipeline_recomputes_blocks_with_exact_kernels(monkeypatch, calib_ids):
     monkeypatch.setattr(QuantLinear, "forward", spy)
     model = tiny_llama()
     wq.quantize_model(model, "W4G32", algo="gptq", calib=calib_ids, progress=False, **ARGS)
-    assert seen and {m for m, _, _ in seen} == {128} and all(inside and exact for _, inside, exact in seen)
+    assert seen and {m for m, _, _ in seen} == {32} and all(inside and exact for _, inside, exact in seen)
     with torch.no_grad():
         model(calib_ids[:1])
     assert seen[-1] == (32, False, False)  # plain inference: cpu_avx2_i8

@@ -98,6 +98,14 @@ def block_output(out) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _replay(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    """block(hidden) [B, T, d] -> its output [B, T, d], run a sample at a time (wq.calib.microbatch): 1/B of a
+    batch's activations. The same math per row (a kernel may round differently at another M: the rows were
+    bit for bit the batch's on this CPU at hidden 2048); streamed and in-memory runs share this path."""
+    outs = [block_output(block(h, **kw)) for h, kw in per_sample(hidden, kwargs)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _to(obj, device=None, dtype=None):
     """Move (and cast floating) tensors inside nested tuples/lists/dicts."""
     if isinstance(obj, Tensor):
@@ -442,7 +450,7 @@ def quantize_calibrated(model: nn.Module, plan: dict[str, QuantScheme], algorith
         # the next block sees what the quantized model computes, through exact kernels only: which kernel
         # is fastest at this seqlen x batch (e.g. int8-rounded activations on CPU) must not change the result
         with torch.no_grad(), exact_kernels():
-            hidden = [block_output(block(h.to(dev), **kw)).to(store) for h, kw in zip(hidden, kwargs)]
+            hidden = [_replay(block, h.to(dev), kw).to(store) for h, kw in zip(hidden, kwargs)]
         _cast_float(block, dtype)
         block.to(home)
         if dev.type == "cuda":
