@@ -419,7 +419,8 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
                             device=device, hessian_budget=int(cfg.hessian_budget * 2**30),
                             reads_16bit=getattr(algo, "reads_16bit_weights", False),
                             state_per_weight=getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1
-                                                     else "state_bytes_per_weight", 0.0))
+                                                     else "state_bytes_per_weight", 0.0),
+                            batch_size=cfg.batch_size)
     log.info("%s", est.table())
     if not est.fits:
         if not cfg.force:

@@ -115,9 +115,11 @@ def rss_now() -> int:
 def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: bool = False, nsamples: int = 0,
                       seqlen: int = 0, processes: int = 1, low_mem: bool = False, device: str = "cpu",
                       hessian_budget: int = 4 * 1024**3, write_buffer: int = 1024**3, reads_16bit: bool = False,
-                      state_per_weight: float = 0.0) -> MemoryEstimate:
+                      state_per_weight: float = 0.0, batch_size: int = 1) -> MemoryEstimate:
     """What a streamed run of `plan` over `skeleton` (wq.loading.skeleton.Skeleton) will hold at its peak.
-    reads_16bit / state_per_weight: a block algorithm's capabilities (wq.algorithms.base.Algorithm)."""
+    reads_16bit / state_per_weight: a block algorithm's capabilities (wq.algorithms.base.Algorithm).
+    batch_size: samples a block algorithm trains on at once (layer algorithms replay one sample at a time,
+    wq.calib.microbatch)."""
     from ..nn.surgery import linear_candidates
 
     reader = skeleton.reader
@@ -144,6 +146,8 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
     if calibrated:
         hidden = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0) or 0
         stream = -(-nsamples // max(processes, 1)) * seqlen * hidden * 4 * (4 if block_algo else 2)
+    # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once
+    acts = seqlen * max((o for _, o in in_block.values()), default=0) * 4 * 3 * (max(batch_size, 1) if block_algo else 1)
     hessians = 0
     if calibrated and not block_algo:
         hessians = min(sum(i * i * 4 for i in sorted({i for i, _ in in_block.values()})), hessian_budget)
@@ -155,6 +159,8 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
         (gpu if on_gpu else host)["algorithm state"] = int(state_per_weight * sum(i * o for i, o in in_block.values()))
     if hessians:
         (gpu if on_gpu else host)["hessians"] = hessians
+    if calibrated and acts:
+        (gpu if on_gpu else host)["activations"] = acts
     if stream:
         (gpu if on_gpu and not low_mem else host)["calibration stream"] = stream
     host["write buffer"] = min(write_buffer, max(block_stored, 1))
