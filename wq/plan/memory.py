@@ -142,12 +142,13 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
     in_block = {n: shapes[n] for n in plan if n.startswith(prefix + "0.") and n in shapes}
     largest = max((i * o for i, o in in_block.values()), default=0) * 4
     quantized = block_stored // 3
-    stream = 0
+    stream = acts = 0
     if calibrated:
         hidden = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0) or 0
         stream = -(-nsamples // max(processes, 1)) * seqlen * hidden * 4 * (4 if block_algo else 2)
-    # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once
-    acts = seqlen * max((o for _, o in in_block.values()), default=0) * 4 * 3 * (max(batch_size, 1) if block_algo else 1)
+        # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once
+        at_once = max(batch_size, 1) if block_algo else 1
+        acts = at_once * seqlen * max((o for _, o in in_block.values()), default=0) * 4 * 3
     hessians = 0
     if calibrated and not block_algo:
         hessians = min(sum(i * i * 4 for i in sorted({i for i, _ in in_block.values()})), hessian_budget)
@@ -159,7 +160,7 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
         (gpu if on_gpu else host)["algorithm state"] = int(state_per_weight * sum(i * o for i, o in in_block.values()))
     if hessians:
         (gpu if on_gpu else host)["hessians"] = hessians
-    if calibrated and acts:
+    if acts:
         (gpu if on_gpu else host)["activations"] = acts
     if stream:
         (gpu if on_gpu and not low_mem else host)["calibration stream"] = stream
