@@ -179,7 +179,7 @@ def _run(work: Path, src: Path, algo: str, path: str, args) -> dict:
         cli += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", "4"]
     if algo == "autoround":
         cli += ["--iters", str(args.iters)]
-    r = run_child(["run", *cli, *PATH_FLAGS[path]])
+    r = run_child(["run", *cli, *PATH_FLAGS[path], *args.flags])
     shutil.rmtree(out, ignore_errors=True)
     return r
 
@@ -198,6 +198,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--iters", type=int, default=4, help="autoround iterations (time, not memory, grows with them)")
+    p.add_argument("--flags", nargs="*", default=[], metavar="FLAG",
+                   help="more wq.quantize flags for every run, baseline included (e.g. --flags=--low-mem)")
     p.add_argument("--work", default="/tmp/wq-bench-stream", help="where the random models and outputs go")
     p.add_argument("--out", default=str(ROOT / "docs" / "stream_bench"))
     args = p.parse_args(argv)
@@ -231,7 +233,8 @@ def main(argv=None) -> list[dict]:
                        "baseline_seconds": base["seconds"], "tiny_model_bytes": tiny["bf16_bytes"],
                        "over_baseline": r["peak_rss"] - base["peak_rss"],
                        "budget": 3 * shape["block_bytes"] + stream, "calib_stream": stream, "load_before": la,
-                       "load_after": load_avg(), "threads": os.environ.get("OMP_NUM_THREADS", "default")}
+                       "load_after": load_avg(), "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+                       "flags": " ".join(args.flags)}
                 row["within_budget"] = row["over_baseline"] <= row["budget"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -256,7 +259,7 @@ def markdown(cmd: str, rows: list[dict]) -> str:
         anon_over = ("" if r.get("peak_anon") is None or r.get("baseline_anon") is None
                      else f"{(r['peak_anon'] - r['baseline_anon']) / mib:.0f} MiB")
         lines.append(f"| {r['layers']} | {r['bf16_bytes'] / mib:.0f} MiB | {r['block_bytes'] / mib:.0f} MiB | "
-                     f"{outside / mib:.0f} MiB | {r['algo']} | {r['path']} | {r['seconds']} | {r['cpu_seconds']} | "
+                     f"{outside / mib:.0f} MiB | {r['algo']} | {r['path']}{' ' + r['flags'] if r.get('flags') else ''} | {r['seconds']} | {r['cpu_seconds']} | "
                      f"{r['peak_rss'] / mib:.0f} MiB | {r['baseline_rss'] / mib:.0f} MiB | "
                      f"{r['over_baseline'] / mib:.0f} MiB | {r['budget'] / mib:.0f} MiB | "
                      f"{'yes' if r['within_budget'] else 'no'} | {anon} | {anon_over} | "
