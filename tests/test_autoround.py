@@ -181,3 +181,22 @@ def test_registered_and_end_to_end_on_tiny_model(tiny_model):
         e_ar = (ar_model(test).logits - ref).pow(2).mean()
         e_rtn = (rtn_model(test).logits - ref).pow(2).mean()
     assert e_ar < e_rtn, (float(e_ar), float(e_rtn))
+
+
+@pytest.mark.parametrize("scheme", ["W4G128", "W2G128"])
+def test_one_process_steps_equal_the_all_at_once_update(scheme, monkeypatch):
+    """The one-process path (each parameter steps in the backward, as its gradient completes) and the path of
+    several ranks (every gradient first, summed, then the same steps), run here as a world of one that calls
+    itself two: the same codes, scales and losses bit for bit."""
+    import wq.algorithms.autoround as ar
+
+    block, inputs, kwargs, targets = _tiny_block()
+    plan = {n: QuantScheme.parse(scheme) for n in _linears(block)}
+    hooked = autoround_block(block, plan, inputs, kwargs, targets, iters=12, batch_size=2)
+    monkeypatch.setattr(ar, "rank_world", lambda: (0, 2))  # collectives stay identities (their own check)
+    batched = autoround_block(block, plan, inputs, kwargs, targets, iters=12, batch_size=2)
+    assert hooked[_linears(block)[0]].stats["best_iter"] > 0
+    for n in plan:
+        assert torch.equal(hooked[n].packed.qweight, batched[n].packed.qweight), n
+        assert torch.equal(hooked[n].packed.scales, batched[n].packed.scales), n
+        assert hooked[n].stats == {**batched[n].stats, "seconds": hooked[n].stats["seconds"]}

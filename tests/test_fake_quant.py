@@ -12,32 +12,39 @@ from torch import nn
 from wq import primitives as P
 from wq.algorithms.autoround import autoround_block
 from wq.algorithms.fake_quant import FakeQuant, QuantLinearFn, quantized_forwards
+from wq.algorithms.offsets import IntOffsets
 from wq.calib.upcast import fp32_linears
 from wq.scheme import QuantScheme
 
 
 def _state(out_f: int, in_f: int, scheme: QuantScheme, seed: int = 0):
+    """Weights, integer offsets (16 iterations at lr 1/16: V in steps of 1/256), scales and zeros."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g)
     G = scheme.group_for(in_f)
     wg = P.group_view(w, G)
     s = (wg.abs().amax(2, keepdim=True) / scheme.maxq * 1.7).requires_grad_(True)  # some weights clamp
     z = torch.full_like(s, float(scheme.maxq // 2)).requires_grad_(True)
-    v = (torch.rand(wg.shape, generator=g) - 0.5).requires_grad_(True)
-    return w, v, s, z
+    off = IntOffsets(wg.shape, 1 / 16, 16)
+    off.k.copy_(torch.randint(-off.kmax, off.kmax + 1, wg.shape, generator=g))
+    return w, off, s, z
 
 
 @pytest.mark.parametrize("scheme,in_f", [("W4G128", 256), ("W3G128", 160), ("W2G32", 96), ("W8G128", 128)])
 def test_fused_linear_matches_autograd(scheme, in_f):
-    """QuantLinearFn's output and its gradients for x, v, s and z equal FakeQuant followed by F.linear."""
+    """QuantLinearFn's output and its gradients for x, v (written into the integer offsets), s and z equal
+    FakeQuant on the same V values followed by F.linear."""
     sch = QuantScheme.parse(scheme)
-    w, v, s, z = _state(48, in_f, sch)
+    w, off, s, z = _state(48, in_f, sch)
     bias = torch.randn(48)
     x = torch.randn(2, 5, in_f, requires_grad=True)
     gy = torch.randn(2, 5, 48)
 
-    y1 = QuantLinearFn.apply(x, w, v, s, z, sch.maxq, bias)
-    g1 = torch.autograd.grad(y1, (x, v, s, z), gy)
+    y1 = QuantLinearFn.apply(x, w, off.token, s, z, sch.maxq, bias, off)
+    g1 = list(torch.autograd.grad(y1, (x, off.token, s, z), gy))
+    assert float(g1[1]) == 0.0  # the token's own gradient: dL/dV is in the offsets
+    g1[1] = off.take_grad()
+    v = off.values().requires_grad_(True)
     w_hat = FakeQuant.apply(P.group_view(w, v.shape[2]), v, s, z, sch.maxq).flatten(1)[:, :in_f]
     y2 = F.linear(x, w_hat, bias)
     g2 = torch.autograd.grad(y2, (x, v, s, z), gy)
@@ -49,9 +56,9 @@ def test_fused_linear_matches_autograd(scheme, in_f):
 
 def test_fused_linear_saves_small_integers():
     """Between forward and backward a quantized Linear holds x and the stored weights (both alive anyway) plus
-    2 bytes a weight: no 4-byte copy of w_hat or of fp32 weights."""
+    1 byte a weight (the saturated codes): no 4-byte copy of w_hat or of fp32 weights, no separate mask."""
     sch = QuantScheme.parse("W4G128")
-    w, v, s, z = _state(256, 512, sch)
+    w, off, s, z = _state(256, 512, sch)
     w16 = w.to(torch.bfloat16)
     x = torch.randn(1, 8, 512)
     saved = []
@@ -61,10 +68,11 @@ def test_fused_linear_saves_small_integers():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        QuantLinearFn.apply(x, w16, v, s, z, sch.maxq, None)
+        QuantLinearFn.apply(x, w16, off.token, s, z, sch.maxq, None, off)
     new = [t for t in saved if t.data_ptr() not in (x.data_ptr(), w16.data_ptr())]
     per_weight = sum(t.numel() * t.element_size() for t in new) / w.numel()
-    assert per_weight < 2.1, per_weight
+    assert per_weight < 1.1, per_weight
+    assert off.k.element_size() == 2  # and V itself: int16
 
 
 @pytest.mark.parametrize("scheme", ["W4G128", "W2G128", "W3G128-sym"])

@@ -33,6 +33,7 @@ from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
 from .fake_quant import QuantLinearFn, codes, quantized_forwards, ste_fp16, ste_round
+from .offsets import IntOffsets
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_positio
 class _Target:
     """One Linear's learnable rounding state. The weights stay in the Linear's own storage (bf16 in a streamed
     run: read in fp32 one Linear at a time, which is exact) and the grouped view [out, ng, G] is made where it
-    is used; wq.algorithms.fake_quant keeps the autograd state of the whole block to 1-2 bytes a weight."""
+    is used; V is held as integers (wq.algorithms.offsets, 2 bytes a weight) and wq.algorithms.fake_quant
+    keeps the autograd state of the whole block to 1 byte a weight."""
 
     name: str  # relative to the block, e.g. "self_attn.q_proj"
     scheme: QuantScheme
@@ -52,14 +54,15 @@ class _Target:
     bias: Tensor | None  # [out] fp32
     wmax: Tensor  # [out, ng, 1] max(w, 0)  (sym: absmax)
     wmin: Tensor  # [out, ng, 1] min(w, 0)  (sym: unused)
-    v: Tensor  # [out, ng, G] fp32 rounding offsets, requires grad
+    v: IntOffsets  # [out, ng, G] rounding offsets, exact integer multiples of the smallest step
     alpha: Tensor | None  # [out, ng, 1] range multipliers, require grad (None: no range learning)
     beta: Tensor | None
     sym_factor: Tensor | None = None  # [out, ng, 1] sym scale = alpha * absmax * factor (P.sym_scale_factor)
     kept: Tensor | None = None  # [out, ng, G] uint8 codes of the restored best iterate (None: from v)
 
     @classmethod
-    def make(cls, name: str, module: nn.Module, scheme: QuantScheme, learn_range: bool) -> _Target:
+    def make(cls, name: str, module: nn.Module, scheme: QuantScheme, learn_range: bool, lr: float,
+             iters: int) -> _Target:
         w = module.weight.detach()
         wg = P.group_view(w.float(), scheme.group_for(w.shape[1]))  # transient
         wmin = wg.amin(dim=2, keepdim=True).clamp(max=0)
@@ -72,14 +75,11 @@ class _Target:
         alpha = ones.clone().requires_grad_(True) if learn_range else None
         beta = ones.clone().requires_grad_(True) if learn_range and not scheme.sym else None
         bias = None if getattr(module, "bias", None) is None else module.bias.detach().float()
-        v = torch.zeros(wg.shape, dtype=torch.float32, device=w.device, requires_grad=True)
+        v = IntOffsets(wg.shape, lr, iters, device=w.device)
         return cls(name, scheme, w, bias, wmax, wmin, v, alpha, beta, factor)
 
     def _ranges(self) -> list[Tensor]:
         return [p for p in (self.alpha, self.beta) if p is not None]
-
-    def params(self) -> list[Tensor]:
-        return [self.v, *self._ranges()]
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """(scale, zero) [out, ng, 1], differentiable through straight-through rounding."""
@@ -97,11 +97,11 @@ class _Target:
         """The Linear on x [..., in] with its fake-quantized weights, differentiable in (V, alpha, beta)."""
         s, z = self.qparams()
         if self.kept is None:
-            return QuantLinearFn.apply(x, self.w, self.v, s, z, self.scheme.maxq, self.bias)
+            return QuantLinearFn.apply(x, self.w, self.v.token, s, z, self.scheme.maxq, self.bias, self.v)
         w_hat = ((self.kept.float() - z) * s).flatten(1)[:, : self.w.shape[1]]
         return F.linear(x, w_hat, self.bias)
 
-    # the best iterate is kept as its codes (1 byte a weight, not V's 4) and its range multipliers: the codes
+    # the best iterate is kept as its codes (1 byte a weight, not V's 2) and its range multipliers: the codes
     # are all the export and the final loss need
     @torch.no_grad()
     def snapshot(self) -> list[Tensor]:
@@ -129,14 +129,9 @@ class _Target:
         for p in self._ranges():
             p.fill_(1.0)
 
-    def bounds(self, min_range: float) -> list[tuple[Tensor, float, float]]:
-        """(parameter, lowest, highest) of every learnable tensor."""
-        return [(self.v, -0.5, 0.5)] + [(p, min_range, 1.0) for p in self._ranges()]
-
-    @torch.no_grad()
-    def clamp_(self, min_range: float) -> None:
-        for p, lo, hi in self.bounds(min_range):
-            p.clamp_(lo, hi)
+    def range_bounds(self, min_range: float) -> list[tuple[Tensor, float, float]]:
+        """(parameter, lowest, highest) of every range multiplier (V keeps its own bound)."""
+        return [(p, min_range, 1.0) for p in self._ranges()]
 
     @torch.no_grad()
     def finalize(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,9 +140,9 @@ class _Target:
         in_f = self.w.shape[1]
         if self.kept is not None:
             q = self.kept
-        else:  # V = 0 keeps wq.primitives' own rounding (w / s): exactly rtn's codes
+        else:  # only after reset_to_rtn (V = 0): wq.primitives' own rounding (w / s), exactly rtn's codes
             wg = P.group_view(self.w.float(), self.v.shape[2])
-            q = torch.clamp(torch.round(wg / s + self.v) + z, 0, self.scheme.maxq)
+            q = torch.clamp(torch.round(wg / s) + z, 0, self.scheme.maxq)
         s, z = s.squeeze(2), z.squeeze(2)
         assert torch.equal(s, P.round_scale(s))
         return q.flatten(1)[:, :in_f].to(torch.int32), s, z
@@ -246,11 +241,12 @@ def autoround_block(
     if iters < 0:
         raise ValueError(f"autoround: iters={iters} must be >= 0")
     lr = 1.0 / max(iters, 1) if lr is None else lr
-    states = [_Target.make(n, block.get_submodule(n), s, learn_range) for n, s in plan.items()]
+    states = [_Target.make(n, block.get_submodule(n), s, learn_range, lr, iters) for n, s in plan.items()]
     for t in states:
         if not t.scheme.is_int:
             raise ValueError(f"autoround: {t.name} has float scheme {t.scheme}; use an integer scheme")
-    params = [p for t in states for p in t.params()]
+    tokens = [t.v.token for t in states]
+    ranges = [(p, lo, hi) for t in states for p, lo, hi in t.range_bounds(min_range)]
     samples = _samples(inputs, kwargs, targets)
     # under torchrun each rank holds a contiguous share of the samples: minibatches are drawn from the global
     # indices (the same draw on every rank), each rank computes its members' part of the loss (normalised by
@@ -312,19 +308,23 @@ def autoround_block(
                     break
                 step = lr * (1.0 - it / iters)  # linear decay to 0
                 if stepper is not None:  # one process: each parameter steps as soon as its gradient is complete
-                    stepper.step = step
+                    stepper.it, stepper.step = it, step
                     loss.backward()
                     continue
-                # allow_unused: an MoE expert no token of this minibatch was routed to gets no gradient
-                grads = torch.autograd.grad(loss, params, allow_unused=True) if local else [None] * len(params)
-                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+                # several ranks: every gradient first, summed over the ranks, then the same steps. dL/dV lands in
+                # each Linear's offsets (the tokens' own gradients are zeros); allow_unused: an MoE expert no token
+                # of this minibatch was routed to gets no gradient
+                leaves = tokens + [p for p, _, _ in ranges]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True) if local else [None] * len(leaves)
+                grads = [t.v.take_grad() for t in states] + [
+                    torch.zeros_like(p) if g is None else g for g, (p, _, _) in zip(grads[len(tokens):], ranges)]
                 _sum_over_ranks(grads)
                 with torch.no_grad():
-                    torch._foreach_sign_(grads)  # in place: no second copy of every gradient
-                    torch._foreach_add_(params, grads, alpha=-step)
+                    for t, g in zip(states, grads):
+                        t.v.signed_step_(g, it)
+                    for (p, lo, hi), g in zip(ranges, grads[len(states):]):
+                        p.add_(g.sign_(), alpha=-step).clamp_(lo, hi)
                 del grads
-                for t in states:
-                    t.clamp_(min_range)
             for i, t in enumerate(states):
                 if best is None:
                     t.reset_to_rtn()
@@ -363,13 +363,22 @@ def autoround_block(
 
 class _SignedSteps:
     """p -= step * sign(dL/dp), then p clamped to its range, run by autograd right after p's gradient is
-    accumulated (a post-accumulate-grad hook); the gradient is dropped at once. The same arithmetic as the
-    batched update below, one parameter at a time."""
+    accumulated (a post-accumulate-grad hook); the gradient is dropped at once. V steps when its token's
+    gradient is accumulated, which autograd does once every call of the Linear has written dL/dV. The same
+    arithmetic as the update of several ranks in autoround_block, one parameter at a time."""
 
     def __init__(self, states: list[_Target], min_range: float):
-        self.step = 0.0
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
-                        for t in states for p, lo, hi in t.bounds(min_range)]
+        self.it, self.step = 0, 0.0
+        self.handles = [t.v.token.register_post_accumulate_grad_hook(self._v_hook(t.v)) for t in states]
+        self.handles += [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
+                         for t in states for p, lo, hi in t.range_bounds(min_range)]
+
+    def _v_hook(self, off: IntOffsets):
+        @torch.no_grad()
+        def hook(token: Tensor) -> None:
+            token.grad = None
+            off.signed_step_(off.take_grad(), self.it)
+        return hook
 
     def _hook(self, lo: float, hi: float):
         @torch.no_grad()
@@ -404,10 +413,11 @@ class AutoRound(Algorithm):
     needs_calibration = True
     granularity = "block"
     reads_16bit_weights = True  # _Target reads a Linear's weights in fp32 where used, never copies or writes them
-    # V (4), the saved codes and clamp mask (2), the best iterate's codes (1); several ranks hold every gradient (4)
-    # for the all-reduce, one process steps each parameter as its gradient completes
-    state_bytes_per_weight = 7.0
-    state_bytes_per_weight_ranks = 11.0
+    # V (2: int16 up to ~250 iterations at the default lr, 4 above), the saved saturated codes (1), the best
+    # iterate's codes (1); several ranks hold every gradient (4) for the all-reduce, one process steps each
+    # parameter as its gradient completes
+    state_bytes_per_weight = 4.0
+    state_bytes_per_weight_ranks = 8.0
 
     def quantize_block(
         self,

@@ -6,12 +6,13 @@ with straight-through gradients for round() and clamp(), written out by hand (a 
 weights instead of autograd's many). Two forms:
 
 - `FakeQuant`: returns w_hat itself (the caller multiplies it in);
-- `QuantLinearFn`: returns F.linear(x, w_hat, bias) and keeps for the backward only what the weights cannot
-  be rebuilt without: 1-2 byte codes and a clamp mask, plus references to x and the stored weights, which are
-  alive anyway. w_hat (4 bytes a weight) is rebuilt in the backward, one Linear at a time, instead of being
-  held for every Linear of a block between the forward and the backward. With the weights kept in their
-  bf16 storage this is 2 + 1 + 1 bytes a weight for a block's whole autograd state, against 4 + 4 + 1 + 1
-  when the fp32 weights and w_hat were saved.
+- `QuantLinearFn`: returns F.linear(x, w_hat, bias) with V held as integers (wq.algorithms.offsets) and keeps
+  for the backward only what the weights cannot be rebuilt without: the codes before the clamp, saturated,
+  in 1 byte a weight (they give the clamped codes and the clamp mask), plus references to x and the stored
+  weights, which are alive anyway. w_hat (4 bytes a weight) is rebuilt in the backward, one Linear at a
+  time, instead of being held for every Linear of a block between the forward and the backward. With the
+  weights kept in their bf16 storage a block's whole autograd state is 1 byte a weight beyond them, against
+  4 + 4 + 1 + 1 when the fp32 weights and w_hat were saved.
 
 Shapes: w [out, in] (any float dtype; converted to fp32 where used, which is exact for bf16/fp16);
 wg, v [out, ng, G] with the partial last group zero-padded; s, z [out, ng, 1] (z integer valued).
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import primitives as P
+from .offsets import IntOffsets
+
+_CHUNK = 1 << 20  # weights per row chunk of the elementwise passes: their fp32 temporaries stay ~4 MiB each
 
 
 def ste_round(x: Tensor) -> Tensor:
@@ -47,16 +51,26 @@ def _codes(wg: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> tuple[Tens
 
 
 @torch.no_grad()
-def codes(w: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+def codes(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int) -> Tensor:
     """The integer codes clamp(round(wg/s + v) + z, 0, maxq) [out, ng, G] as the forward computes them,
-    stored in uint8 (int16 above 8 bits)."""
-    qz, _, _ = _codes(P.group_view(w.float(), v.shape[2]), v, s, z, maxq)
-    return qz.add_(z).to(torch.uint8 if maxq <= 255 else torch.int16)
+    stored in uint8 (int16 above 8 bits); a few rows at a time."""
+    out_f, in_f = w.shape
+    G = off.shape[2]
+    q = torch.empty(off.shape, dtype=torch.uint8 if maxq <= 255 else torch.int16, device=w.device)
+    for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
+        qz, _, _ = _codes(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), s[r0:r1], z[r0:r1], maxq)
+        q[r0:r1] = qz.add_(z[r0:r1])
+    return q
 
 
 def _small_dtype(maxq: int) -> torch.dtype:
     """q - z lies in [-maxq, maxq]: one byte up to 7 bits, two above."""
     return torch.int8 if maxq <= 127 else torch.int16
+
+
+def _saturated_dtype(maxq: int) -> torch.dtype:
+    """Codes before the clamp, saturated to [-1, maxq + 1]: one byte up to 6 bits, two above."""
+    return torch.int8 if maxq + 1 <= 127 else torch.int16
 
 
 def _grads(g: Tensor, wg: Tensor, qz: Tensor, inside: Tensor, inv_s: Tensor, s: Tensor):
@@ -94,53 +108,57 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
     return w if w.shape[1] == in_f else w[:, :in_f]
 
 
-_CHUNK = 1 << 20  # weights per row chunk of the elementwise passes: their fp32 temporaries stay ~4 MiB each
-
-
 class QuantLinearFn(torch.autograd.Function):
-    """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, v, s and z.
+    """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, s and z, and in V through `off`: dL/dV
+    goes to off.add_grad and off.token gets a zero gradient (see wq.algorithms.offsets).
 
-    The elementwise passes go over a few rows at a time, so a Linear's temporaries are w_hat itself (built for
-    the matmul and dropped) plus chunk-sized scratch, not several fp32 copies of the weights.
+    Kept for the backward: x and the stored weights (alive anyway) and the codes before the clamp, saturated to
+    [-1, maxq + 1], in one byte a weight: they give both the clamped codes and the clamp's straight-through
+    mask. The elementwise passes go over a few rows at a time, so a Linear's temporaries are w_hat itself
+    (built for the matmul and dropped) plus chunk-sized scratch, not several fp32 copies of the weights.
+    Called as QuantLinearFn.apply(x, w, off.token, s, z, maxq, bias, off).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int,
-                bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, token: Tensor, s: Tensor, z: Tensor, maxq: int,
+                bias: Tensor | None, off: IntOffsets) -> Tensor:
         out_f, in_f = w.shape
-        G = v.shape[2]
-        w_hat = torch.empty(out_f, v.shape[1] * G, dtype=torch.float32, device=w.device)  # [out, ng*G]
-        qz_small = torch.empty(v.shape, dtype=_small_dtype(maxq), device=w.device)
-        inside = torch.empty(v.shape, dtype=torch.bool, device=w.device)
+        G = off.shape[2]
+        w_hat = torch.empty(out_f, off.shape[1] * G, dtype=torch.float32, device=w.device)  # [out, ng*G]
+        q_sat = torch.empty(off.shape, dtype=_saturated_dtype(maxq), device=w.device)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-            qz, ins, _ = _codes(P.group_view(w[r0:r1].float(), G), v[r0:r1], s[r0:r1], z[r0:r1], maxq)
-            qz_small[r0:r1] = qz
-            inside[r0:r1] = ins
-            w_hat[r0:r1] = qz.mul_(s[r0:r1]).flatten(1)
-        ctx.save_for_backward(x, w, qz_small, inside, s)
+            sc, zc = s[r0:r1], z[r0:r1]
+            qf = torch.round((P.group_view(w[r0:r1].float(), G) * (1.0 / sc)).add_(off.values(r0, r1))).add_(zc)
+            q_sat[r0:r1] = qf.clamp(-1, maxq + 1)
+            w_hat[r0:r1] = qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)
+        ctx.save_for_backward(x, w, q_sat, s, z)
+        ctx.maxq, ctx.off = maxq, off
         return F.linear(x, w_hat[:, :in_f], bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, w, qz_small, inside, s = ctx.saved_tensors
+        x, w, q_sat, s, z = ctx.saved_tensors
+        maxq, off = ctx.maxq, ctx.off
         out_f, in_f = w.shape
-        G = qz_small.shape[2]
+        G = q_sat.shape[2]
         g2 = gy.reshape(-1, out_f)  # [tokens, out]
         x2 = x.reshape(-1, in_f)  # [tokens, in]
         gx = None
         if ctx.needs_input_grad[0]:
-            w_hat = _ungroup(qz_small.float().mul_(s), in_f)
+            w_hat = _ungroup(q_sat.clamp(0, maxq).float().sub_(z).mul_(s), in_f)
             gx = g2.mm(w_hat).view(*gy.shape[:-1], in_f)
             del w_hat
-        du = torch.empty(qz_small.shape, dtype=torch.float32, device=w.device)
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
             gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
-            sc = s[r0:r1]
-            du[r0:r1], ds[r0:r1], dz[r0:r1] = _grads(gw, P.group_view(w[r0:r1].float(), G),
-                                                    qz_small[r0:r1].float(), inside[r0:r1], 1.0 / sc, sc)
-        return gx, None, du, ds, dz, None, None
+            sc, qs = s[r0:r1], q_sat[r0:r1]
+            inside = (qs >= 0) & (qs <= maxq)
+            qz = qs.clamp(0, maxq).float().sub_(z[r0:r1])
+            du, ds[r0:r1], dz[r0:r1] = _grads(gw, P.group_view(w[r0:r1].float(), G), qz, inside, 1.0 / sc, sc)
+            off.add_grad(r0, r1, du)
+        gtoken = torch.zeros((), device=gy.device) if ctx.needs_input_grad[2] else None
+        return gx, None, gtoken, ds, dz, None, None, None
 
 
 @contextlib.contextmanager
