@@ -414,13 +414,16 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     from .calib.distributed import rank_world
 
     ranks = rank_world()[1]
+    state = getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1 else "state_bytes_per_weight", 0.0)
+    at_once = cfg.batch_size
+    if cfg.low_mem and getattr(algo, "state_bytes_per_weight_low_mem", None) is not None:
+        # a bounded number of tokens per forward/backward (autoround), whole samples
+        state, at_once = algo.state_bytes_per_weight_low_mem, max(1, min(cfg.batch_size, algo.low_mem_tokens // cfg.seqlen))
     est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
                             nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=ranks, low_mem=cfg.low_mem,
                             device=device, hessian_budget=int(cfg.hessian_budget * 2**30),
                             reads_16bit=getattr(algo, "reads_16bit_weights", False),
-                            state_per_weight=getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1
-                                                     else "state_bytes_per_weight", 0.0),
-                            batch_size=cfg.batch_size)
+                            state_per_weight=state, batch_size=at_once)
     log.info("%s", est.table())
     if not est.fits:
         if not cfg.force:

@@ -37,6 +37,10 @@ from .offsets import IntOffsets
 
 log = logging.getLogger(__name__)
 
+# --low-mem: autoround forwards and differentiates at most this many tokens at once (whole samples, at least one):
+# one 2048-token sample at the CLI's default seqlen, the whole minibatch of short samples
+LOW_MEM_MICRO_TOKENS = 2048
+
 # kwargs a decoder block gets during a full-model forward that make no sense when replaying it
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
@@ -230,8 +234,13 @@ def autoround_block(
     learn_range: bool = True,
     min_range: float = 0.5,
     seed: int = 0,
+    micro_tokens: int = 0,
 ) -> dict[str, QuantResult]:
     """Signed-gradient rounding of every Linear named in `plan` (names relative to `block`).
+
+    micro_tokens: tokens per forward and backward, in whole samples (at least one; 0: the whole minibatch at
+    once). Fewer hold fewer activations and add one fp32 gradient of the block's rounding offsets (4 bytes a
+    weight), summed over the micro-batches before each step: the same update up to the order of addition.
 
     inputs/targets: per calibration batch, [b, T, H] hidden states into / out of the unquantized
     block; kwargs: the other arguments of each call (rotary tables, masks). The block's own weights
@@ -255,6 +264,7 @@ def autoround_block(
     if not total:
         raise ValueError("autoround needs calibration samples (inputs is empty)")
     bs = max(1, min(batch_size, total))
+    micro_batch = max(1, micro_tokens // samples[0][0].shape[1]) if micro_tokens > 0 and samples else 0
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
 
@@ -285,17 +295,13 @@ def autoround_block(
                 idx, order = order[:bs], order[bs:]
                 local = members(idx)
                 need_grad = it < iters
-                with torch.set_grad_enabled(need_grad):
-                    if local:
-                        x = torch.cat([samples[i][0] for i in local], 0).to(dev, torch.float32)
-                        y = torch.cat([samples[i][2] for i in local], 0).to(dev, torch.float32)
-                        kw = _to_device(_collate([samples[i][1] for i in local]), dev)
-                        out = _block_out(block(x, **kw))
-                        # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples)
-                        loss = (out - y).pow(2).sum() / (out[0].numel() * len(idx))
-                    else:  # no member of this minibatch here: a zero share, but the same collectives as the others
-                        loss = torch.zeros(())
-                loss_all = all_reduce_scalar(float(loss.detach()))
+                step = lr * (1.0 - it / max(iters, 1))  # linear decay to 0
+                if stepper is not None:
+                    stepper.it, stepper.step = it, step
+                # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples); every
+                # micro-batch but the last is differentiated here (gradients summed, no step yet)
+                loss_sum, loss = _minibatch_loss(block, samples, local, len(idx), dev, micro_batch, need_grad, stepper)
+                loss_all = all_reduce_scalar(loss_sum)
                 score = loss_all / max(sum(rtn_per_sample[i] for i in idx) / len(idx), 1e-30)
                 if score < best_score:
                     best_score, best_iter = score, it
@@ -306,18 +312,21 @@ def autoround_block(
                             t.save_into(b)
                 if not need_grad:
                     break
-                step = lr * (1.0 - it / iters)  # linear decay to 0
                 if stepper is not None:  # one process: each parameter steps as soon as its gradient is complete
-                    stepper.it, stepper.step = it, step
+                    stepper.last = True
                     loss.backward()
                     continue
                 # several ranks: every gradient first, summed over the ranks, then the same steps. dL/dV lands in
-                # each Linear's offsets (the tokens' own gradients are zeros); allow_unused: an MoE expert no token
-                # of this minibatch was routed to gets no gradient
-                leaves = tokens + [p for p, _, _ in ranges]
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True) if local else [None] * len(leaves)
-                grads = [t.v.take_grad() for t in states] + [
-                    torch.zeros_like(p) if g is None else g for g, (p, _, _) in zip(grads[len(tokens):], ranges)]
+                # each Linear's offsets (the tokens' own gradients are zeros); an MoE expert no token of this
+                # minibatch was routed to gets no gradient (zeros: no step)
+                if loss.requires_grad:
+                    loss.backward()
+                grads = [t.v.take_grad() for t in states]
+                for p in tokens:
+                    p.grad = None
+                for p, _, _ in ranges:
+                    g, p.grad = p.grad, None
+                    grads.append(torch.zeros_like(p) if g is None else g)
                 _sum_over_ranks(grads)
                 with torch.no_grad():
                     for t, g in zip(states, grads):
@@ -365,10 +374,11 @@ class _SignedSteps:
     """p -= step * sign(dL/dp), then p clamped to its range, run by autograd right after p's gradient is
     accumulated (a post-accumulate-grad hook); the gradient is dropped at once. V steps when its token's
     gradient is accumulated, which autograd does once every call of the Linear has written dL/dV. The same
-    arithmetic as the update of several ranks in autoround_block, one parameter at a time."""
+    arithmetic as the update of several ranks in autoround_block, one parameter at a time. While `last` is
+    False (the backward of a micro-batch that is not the minibatch's last) gradients are only summed."""
 
     def __init__(self, states: list[_Target], min_range: float):
-        self.it, self.step = 0, 0.0
+        self.it, self.step, self.last = 0, 0.0, True
         self.handles = [t.v.token.register_post_accumulate_grad_hook(self._v_hook(t.v)) for t in states]
         self.handles += [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
                          for t in states for p, lo, hi in t.range_bounds(min_range)]
@@ -377,19 +387,47 @@ class _SignedSteps:
         @torch.no_grad()
         def hook(token: Tensor) -> None:
             token.grad = None
-            off.signed_step_(off.take_grad(), self.it)
+            if self.last:
+                off.signed_step_(off.take_grad(), self.it)
         return hook
 
     def _hook(self, lo: float, hi: float):
         @torch.no_grad()
         def hook(p: Tensor) -> None:
-            g, p.grad = p.grad, None
-            p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
+            if self.last:
+                g, p.grad = p.grad, None
+                p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
         return hook
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _minibatch_loss(block: nn.Module, samples: list, local: list[int], n_idx: int, dev, micro_batch: int,
+                    need_grad: bool, stepper: _SignedSteps | None) -> tuple[float, Tensor]:
+    """(this rank's share of the minibatch loss, the loss tensor of its last micro-batch, not yet differentiated).
+    With micro-batches, every one but the last is differentiated here with the one-process steps held back
+    (gradients are summed into .grad and the offsets), so the caller's backward of the last completes them."""
+    if not local:  # no member of this minibatch here: a zero share, but the same collectives as the others
+        return 0.0, torch.zeros(())
+    size = micro_batch if 0 < micro_batch < len(local) else len(local)
+    pieces = [local[j:j + size] for j in range(0, len(local), size)]
+    total = 0.0
+    for n, piece in enumerate(pieces):
+        with torch.set_grad_enabled(need_grad):
+            x = torch.cat([samples[i][0] for i in piece], 0).to(dev, torch.float32)
+            y = torch.cat([samples[i][2] for i in piece], 0).to(dev, torch.float32)
+            kw = _to_device(_collate([samples[i][1] for i in piece]), dev)
+            out = _block_out(block(x, **kw))
+            loss = (out - y).pow(2).sum() / (out[0].numel() * n_idx)
+        total += float(loss.detach())
+        if n < len(pieces) - 1 and need_grad:
+            if stepper is not None:
+                stepper.last = False
+            loss.backward()
+            del loss, out
+    return total, loss
 
 
 def _sum_over_ranks(grads: list[Tensor]) -> None:
@@ -418,6 +456,9 @@ class AutoRound(Algorithm):
     # parameter as its gradient completes
     state_bytes_per_weight = 4.0
     state_bytes_per_weight_ranks = 8.0
+    # --low-mem: LOW_MEM_MICRO_TOKENS per forward and backward, the block's dL/dV summed over them (4 more)
+    state_bytes_per_weight_low_mem = 8.0
+    low_mem_tokens = LOW_MEM_MICRO_TOKENS
 
     def quantize_block(
         self,
@@ -436,4 +477,13 @@ class AutoRound(Algorithm):
             learn_range=bool(s.get("learn_range", True)),
             min_range=float(s.get("min_range", 0.5)),
             seed=int(s.get("seed", 0)),
+            micro_tokens=self.micro_tokens(),
         )
+
+    def micro_tokens(self) -> int:
+        """Tokens per forward/backward: the `micro_tokens` setting, else LOW_MEM_MICRO_TOKENS under --low-mem,
+        else 0 (the whole minibatch at once)."""
+        s = self.settings
+        if s.get("micro_tokens") is not None:
+            return int(s["micro_tokens"])
+        return LOW_MEM_MICRO_TOKENS if s.get("low_mem") else 0

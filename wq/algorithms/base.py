@@ -43,6 +43,10 @@ class Algorithm:
     # process and with several (the memory estimate's "algorithm state" term; wq.plan.memory)
     state_bytes_per_weight: float = 0.0
     state_bytes_per_weight_ranks: float = 0.0
+    # "block": under --low-mem, trains `low_mem_tokens` tokens per forward and backward (whole samples, at least one)
+    # and holds this state instead (None: --low-mem changes neither)
+    state_bytes_per_weight_low_mem: float | None = None
+    low_mem_tokens: int = 0
 
     def __init__(self, **settings):
         self.settings = settings
