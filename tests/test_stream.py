@@ -282,3 +282,19 @@ def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
     assert estimate_streamed(sk, plan, calibrated=True, **kw).terms["activations"] == 16 * widest * 4 * 3
     assert estimate_streamed(sk, plan, calibrated=True, block_algo=True, batch_size=2, **kw).terms["activations"] == 2 * 16 * widest * 4 * 3
     assert "activations" not in estimate_streamed(sk, plan, calibrated=False).terms
+
+
+def test_training_footprint_under_low_mem():
+    """autoround's declared state and samples per forward: 4 bytes a weight and the whole batch by default, 8 with
+    several ranks; under --low-mem 8 bytes and at most 2048 tokens of whole samples. gptq declares no such mode."""
+    from wq.algorithms.autoround import AutoRound
+    from wq.algorithms.gptq import GPTQ
+    from wq.plan.memory import training_footprint
+
+    kw = {"ranks": 1, "batch_size": 8, "seqlen": 2048}
+    assert training_footprint(AutoRound, low_mem=False, **kw) == (4.0, 8)
+    assert training_footprint(AutoRound, low_mem=False, **{**kw, "ranks": 2}) == (8.0, 8)
+    assert training_footprint(AutoRound, low_mem=True, **kw) == (8.0, 1)
+    assert training_footprint(AutoRound, low_mem=True, **{**kw, "seqlen": 512}) == (8.0, 4)
+    assert training_footprint(AutoRound, low_mem=True, **{**kw, "seqlen": 128}) == (8.0, 8)  # the batch is the cap
+    assert training_footprint(GPTQ, low_mem=True, **kw) == (0.0, 8)

@@ -396,7 +396,7 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     from .loading.skeleton import Skeleton
     from .loading.source import load_tokenizer, resolve_source
     from .nn import plan_layers
-    from .plan.memory import estimate_streamed
+    from .plan.memory import estimate_streamed, training_footprint
     from .stream import quantize_streamed
 
     source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line
@@ -414,11 +414,8 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     from .calib.distributed import rank_world
 
     ranks = rank_world()[1]
-    state = getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1 else "state_bytes_per_weight", 0.0)
-    at_once = cfg.batch_size
-    if cfg.low_mem and getattr(algo, "state_bytes_per_weight_low_mem", None) is not None:
-        # a bounded number of tokens per forward/backward (autoround), whole samples
-        state, at_once = algo.state_bytes_per_weight_low_mem, max(1, min(cfg.batch_size, algo.low_mem_tokens // cfg.seqlen))
+    state, at_once = training_footprint(algo, ranks=ranks, low_mem=cfg.low_mem, batch_size=cfg.batch_size,
+                                        seqlen=cfg.seqlen)
     est = estimate_streamed(sk, plan, calibrated=calibrated, block_algo=getattr(algo, "granularity", "") == "block",
                             nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=ranks, low_mem=cfg.low_mem,
                             device=device, hessian_budget=int(cfg.hessian_budget * 2**30),

@@ -112,6 +112,17 @@ def rss_now() -> int:
     return 0
 
 
+def training_footprint(algo, *, ranks: int, low_mem: bool, batch_size: int, seqlen: int) -> tuple[float, int]:
+    """(state bytes per weight, samples per forward) a block algorithm class declares for this run: its state with
+    one process or several, and under --low-mem, where it has a smaller-activation mode (autoround), that mode's
+    larger state and at most `low_mem_tokens` tokens (whole samples, at least one) per forward."""
+    state = getattr(algo, "state_bytes_per_weight_ranks" if ranks > 1 else "state_bytes_per_weight", 0.0)
+    low = getattr(algo, "state_bytes_per_weight_low_mem", None)
+    if low_mem and low is not None:
+        return low, max(1, min(batch_size, getattr(algo, "low_mem_tokens", 0) // max(seqlen, 1)))
+    return state, batch_size
+
+
 def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: bool = False, nsamples: int = 0,
                       seqlen: int = 0, processes: int = 1, low_mem: bool = False, device: str = "cpu",
                       hessian_budget: int = 4 * 1024**3, write_buffer: int = 1024**3, reads_16bit: bool = False,
