@@ -313,7 +313,6 @@ def autoround_block(
                 if not need_grad:
                     break
                 if stepper is not None:  # one process: each parameter steps as soon as its gradient is complete
-                    stepper.last = True
                     loss.backward()
                     continue
                 # several ranks: every gradient first, summed over the ranks, then the same steps. dL/dV lands in
@@ -427,6 +426,8 @@ def _minibatch_loss(block: nn.Module, samples: list, local: list[int], n_idx: in
                 stepper.last = False
             loss.backward()
             del loss, out
+    if stepper is not None:
+        stepper.last = True  # the caller's backward of the last micro-batch takes the steps
     return total, loss
 
 
@@ -481,9 +482,9 @@ class AutoRound(Algorithm):
         )
 
     def micro_tokens(self) -> int:
-        """Tokens per forward/backward: the `micro_tokens` setting, else LOW_MEM_MICRO_TOKENS under --low-mem,
+        """Tokens per forward/backward: the `micro_tokens` setting, else `low_mem_tokens` under --low-mem,
         else 0 (the whole minibatch at once)."""
         s = self.settings
         if s.get("micro_tokens") is not None:
             return int(s["micro_tokens"])
-        return LOW_MEM_MICRO_TOKENS if s.get("low_mem") else 0
+        return self.low_mem_tokens if s.get("low_mem") else 0

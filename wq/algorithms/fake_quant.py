@@ -42,10 +42,16 @@ def ste_fp16(s: Tensor) -> Tensor:
     return s + (P.round_scale(s) - s).detach()
 
 
+def _unclamped(wg: Tensor, v: Tensor, inv_s: Tensor, z: Tensor) -> Tensor:
+    """round(wg/s + v) + z [out, ng, G] fp32: the codes before the clamp (one definition, so the forward, the
+    saved codes and the exported codes round alike)."""
+    return torch.round(wg * inv_s + v).add_(z)
+
+
 def _codes(wg: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
     """(q - z [out, ng, G] fp32, inside-the-clamp mask, 1/s)."""
     inv_s = 1.0 / s
-    qf = torch.round(wg * inv_s + v).add_(z)  # codes before clamping
+    qf = _unclamped(wg, v, inv_s, z)
     inside = (qf >= 0) & (qf <= maxq)  # straight-through region of the clamp
     return qf.clamp_(0, maxq).sub_(z), inside, inv_s
 
@@ -128,7 +134,7 @@ class QuantLinearFn(torch.autograd.Function):
         q_sat = torch.empty(off.shape, dtype=_saturated_dtype(maxq), device=w.device)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
             sc, zc = s[r0:r1], z[r0:r1]
-            qf = torch.round((P.group_view(w[r0:r1].float(), G) * (1.0 / sc)).add_(off.values(r0, r1))).add_(zc)
+            qf = _unclamped(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), 1.0 / sc, zc)
             q_sat[r0:r1] = qf.clamp(-1, maxq + 1)
             w_hat[r0:r1] = qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)
         ctx.save_for_backward(x, w, q_sat, s, z)
