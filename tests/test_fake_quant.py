@@ -11,7 +11,7 @@ from torch import nn
 
 from wq import primitives as P
 from wq.algorithms.autoround import autoround_block
-from wq.algorithms.fake_quant import FakeQuant, QuantLinearFn, quantized_forwards
+from wq.algorithms.fake_quant import FakeQuant, QuantLinearFn, quant_linear, quantized_forwards
 from wq.algorithms.offsets import IntOffsets
 from wq.calib.upcast import fp32_linears
 from wq.scheme import QuantScheme
@@ -54,9 +54,9 @@ def test_fused_linear_matches_autograd(scheme, in_f):
     assert float(g1[1].abs().sum()) > 0 and float((g1[1] == 0).sum()) > 0  # clamped weights get no V gradient
 
 
-def test_fused_linear_saves_small_integers():
-    """Between forward and backward a quantized Linear holds x and the stored weights (both alive anyway) plus
-    1 byte a weight (the saturated codes): no 4-byte copy of w_hat or of fp32 weights, no separate mask."""
+def test_fused_linear_saves_nothing_a_weight():
+    """Between forward and backward a quantized Linear holds only x, the stored weights, s and z (all alive
+    anyway): no codes, no mask, no copy of w_hat or of fp32 weights; the backward rebuilds them from w and V."""
     sch = QuantScheme.parse("W4G128")
     w, off, s, z = _state(256, 512, sch)
     w16 = w.to(torch.bfloat16)
@@ -68,11 +68,36 @@ def test_fused_linear_saves_small_integers():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        QuantLinearFn.apply(x, w16, off.token, s, z, sch.maxq, None, off)
-    new = [t for t in saved if t.data_ptr() not in (x.data_ptr(), w16.data_ptr())]
-    per_weight = sum(t.numel() * t.element_size() for t in new) / w.numel()
-    assert per_weight < 1.1, per_weight
+        quant_linear(x, w16, s, z, sch.maxq, None, off)
+    kept = {t.data_ptr() for t in (x, w16, s, z)}
+    assert [t for t in saved if t.data_ptr() not in kept] == []
     assert off.k.element_size() == 2  # and V itself: int16
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_backward_steps_v_in_place_once_every_call_is_done(calls):
+    """With off.step_at set, the backward of a Linear's last pending call takes V's signed step itself (rows at a
+    time when a single call's dL/dV is all there is: no gradient of the whole Linear is held), and the step
+    equals the one taken from the summed dL/dV of every call."""
+    sch = QuantScheme.parse("W4G128")
+    w, ref, s, z = _state(192, 256, sch)
+    w, off, _, _ = _state(192, 256, sch)
+    x = [torch.randn(1, 6, 256, requires_grad=True) for _ in range(calls)]
+    gy = [torch.randn(1, 6, 192) for _ in range(calls)]
+    loss = sum((QuantLinearFn.apply(xi, w, ref.token, s, z, sch.maxq, None, ref) * g).sum() for xi, g in zip(x, gy))
+    loss.backward()
+    ref.signed_step_(ref.take_grad(), 3)
+
+    off.step_at = 3
+    held = []
+    add = off.add_grad
+    off.add_grad = lambda r0, r1, g: (held.append((r0, r1)), add(r0, r1, g))
+    loss = sum((quant_linear(xi, w, s, z, sch.maxq, None, off) * g).sum() for xi, g in zip(x, gy))
+    assert off.pending == calls
+    loss.backward()
+    assert off.pending == 0 and off.grad is None
+    assert torch.equal(off.k, ref.k) and not torch.equal(off.k, _state(192, 256, sch)[1].k)
+    assert (held == []) == (calls == 1)  # one call: stepped row by row, never summed into a gradient
 
 
 @pytest.mark.parametrize("scheme", ["W4G128", "W2G128", "W3G128-sym"])

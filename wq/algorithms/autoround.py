@@ -32,7 +32,8 @@ from ..calib.distributed import all_gather_floats, all_reduce_scalar, all_reduce
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
-from .fake_quant import QuantLinearFn, codes, quantized_forwards, ste_fp16, ste_round
+from .fake_quant import codes, quant_linear, quantized_forwards, ste_fp16, ste_round
+from .kept_codes import KeptCodes
 from .offsets import IntOffsets
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class _Target:
     """One Linear's learnable rounding state. The weights stay in the Linear's own storage (bf16 in a streamed
     run: read in fp32 one Linear at a time, which is exact) and the grouped view [out, ng, G] is made where it
     is used; V is held as integers (wq.algorithms.offsets, 2 bytes a weight) and wq.algorithms.fake_quant
-    keeps the autograd state of the whole block to 1 byte a weight."""
+    keeps no per-weight autograd state beyond the weights and V."""
 
     name: str  # relative to the block, e.g. "self_attn.q_proj"
     scheme: QuantScheme
@@ -62,7 +63,7 @@ class _Target:
     alpha: Tensor | None  # [out, ng, 1] range multipliers, require grad (None: no range learning)
     beta: Tensor | None
     sym_factor: Tensor | None = None  # [out, ng, 1] sym scale = alpha * absmax * factor (P.sym_scale_factor)
-    kept: Tensor | None = None  # [out, ng, G] uint8 codes of the restored best iterate (None: from v)
+    kept: KeptCodes | None = None  # [out, ng, G] codes of the restored best iterate (None: from v)
 
     @classmethod
     def make(cls, name: str, module: nn.Module, scheme: QuantScheme, learn_range: bool, lr: float,
@@ -101,26 +102,27 @@ class _Target:
         """The Linear on x [..., in] with its fake-quantized weights, differentiable in (V, alpha, beta)."""
         s, z = self.qparams()
         if self.kept is None:
-            return QuantLinearFn.apply(x, self.w, self.v.token, s, z, self.scheme.maxq, self.bias, self.v)
-        w_hat = ((self.kept.float() - z) * s).flatten(1)[:, : self.w.shape[1]]
+            return quant_linear(x, self.w, s, z, self.scheme.maxq, self.bias, self.v)
+        w_hat = ((self.kept.rows().float() - z) * s).flatten(1)[:, : self.w.shape[1]]
         return F.linear(x, w_hat, self.bias)
 
-    # the best iterate is kept as its codes (1 byte a weight, not V's 2) and its range multipliers: the codes
-    # are all the export and the final loss need
+    # the best iterate is kept as its codes at the scheme's bits (wq.algorithms.kept_codes: 1/2 byte a weight at
+    # W4, not V's 2) and its range multipliers: the codes are all the export and the final loss need
     @torch.no_grad()
-    def snapshot(self) -> list[Tensor]:
+    def snapshot(self) -> list:
         s, z = self.qparams()
-        return [codes(self.w, self.v, s, z, self.scheme.maxq)] + [p.detach().clone() for p in self._ranges()]
+        kept = KeptCodes(codes(self.w, self.v, s, z, self.scheme.maxq), self.scheme.bits)
+        return [kept] + [p.detach().clone() for p in self._ranges()]
 
     @torch.no_grad()
-    def save_into(self, saved: list[Tensor]) -> None:
+    def save_into(self, saved: list) -> None:
         s, z = self.qparams()
         saved[0].copy_(codes(self.w, self.v, s, z, self.scheme.maxq))
         for p, t in zip(self._ranges(), saved[1:]):
             t.copy_(p)
 
     @torch.no_grad()
-    def restore(self, saved: list[Tensor]) -> None:
+    def restore(self, saved: list) -> None:
         self.kept = saved[0]
         for p, t in zip(self._ranges(), saved[1:]):
             p.copy_(t)
@@ -143,7 +145,7 @@ class _Target:
         s, z = self.qparams()  # already fp16-exact scales, integer zeros
         in_f = self.w.shape[1]
         if self.kept is not None:
-            q = self.kept
+            q = self.kept.rows()
         else:  # only after reset_to_rtn (V = 0): wq.primitives' own rounding (w / s), exactly rtn's codes
             wg = P.group_view(self.w.float(), self.v.shape[2])
             q = torch.clamp(torch.round(wg / s) + z, 0, self.scheme.maxq)
@@ -297,7 +299,7 @@ def autoround_block(
                 need_grad = it < iters
                 step = lr * (1.0 - it / max(iters, 1))  # linear decay to 0
                 if stepper is not None:
-                    stepper.it, stepper.step = it, step
+                    stepper.arm(it, step)
                 # this rank's share of the minibatch's mean squared error (the mean over all len(idx) samples); every
                 # micro-batch but the last is differentiated here (gradients summed, no step yet)
                 loss_sum, loss = _minibatch_loss(block, samples, local, len(idx), dev, micro_batch, need_grad, stepper)
@@ -371,29 +373,45 @@ def autoround_block(
 
 class _SignedSteps:
     """p -= step * sign(dL/dp), then p clamped to its range, run by autograd right after p's gradient is
-    accumulated (a post-accumulate-grad hook); the gradient is dropped at once. V steps when its token's
-    gradient is accumulated, which autograd does once every call of the Linear has written dL/dV. The same
-    arithmetic as the update of several ranks in autoround_block, one parameter at a time. While `last` is
-    False (the backward of a micro-batch that is not the minibatch's last) gradients are only summed."""
+    accumulated (a post-accumulate-grad hook); the gradient is dropped at once. V steps inside the fused
+    Linear's backward (wq.algorithms.fake_quant), a few rows at a time, once its call's dL/dV is complete: this
+    sets the offsets' step_at. The same arithmetic as the update of several ranks in autoround_block, one
+    parameter at a time. While `last` is False (the backward of a micro-batch that is not the minibatch's last)
+    gradients are only summed."""
 
     def __init__(self, states: list[_Target], min_range: float):
-        self.it, self.step, self.last = 0, 0.0, True
-        self.handles = [t.v.token.register_post_accumulate_grad_hook(self._v_hook(t.v)) for t in states]
+        self.offsets = [t.v for t in states]
+        self.it, self.step, self._last = 0, 0.0, True
+        self.handles = [t.v.token.register_post_accumulate_grad_hook(self._token_hook) for t in states]
         self.handles += [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
                          for t in states for p, lo, hi in t.range_bounds(min_range)]
 
-    def _v_hook(self, off: IntOffsets):
-        @torch.no_grad()
-        def hook(token: Tensor) -> None:
-            token.grad = None
-            if self.last:
-                off.signed_step_(off.take_grad(), self.it)
-        return hook
+    def arm(self, it: int, step: float) -> None:
+        """Iteration `it` with step `step` begins: no call is pending, the next backward steps."""
+        self.it, self.step = it, step
+        for off in self.offsets:
+            off.pending = 0
+        self.last = True
+
+    @property
+    def last(self) -> bool:
+        return self._last
+
+    @last.setter
+    def last(self, value: bool) -> None:
+        self._last = value
+        for off in self.offsets:
+            off.step_at = self.it if value else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _token_hook(token: Tensor) -> None:
+        token.grad = None  # a zero: dL/dV went into the offsets
 
     def _hook(self, lo: float, hi: float):
         @torch.no_grad()
         def hook(p: Tensor) -> None:
-            if self.last:
+            if self._last:
                 g, p.grad = p.grad, None
                 p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
         return hook
@@ -401,6 +419,8 @@ class _SignedSteps:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for off in self.offsets:
+            off.step_at = None
 
 
 def _minibatch_loss(block: nn.Module, samples: list, local: list[int], n_idx: int, dev, micro_batch: int,
@@ -452,13 +472,13 @@ class AutoRound(Algorithm):
     needs_calibration = True
     granularity = "block"
     reads_16bit_weights = True  # _Target reads a Linear's weights in fp32 where used, never copies or writes them
-    # V (2: int16 up to ~250 iterations at the default lr, 4 above), the saved saturated codes (1), the best
-    # iterate's codes (1); several ranks hold every gradient (4) for the all-reduce, one process steps each
-    # parameter as its gradient completes
-    state_bytes_per_weight = 4.0
-    state_bytes_per_weight_ranks = 8.0
+    # V (2: int16 up to ~250 iterations at the default lr, 4 above) and the best iterate's codes (bits/8, at most
+    # 1); the backward keeps no codes (rebuilt from w and V). Several ranks hold every gradient (4) for the
+    # all-reduce; one process steps V rows at a time inside the backward and each range as its gradient completes
+    state_bytes_per_weight = 3.0
+    state_bytes_per_weight_ranks = 7.0
     # --low-mem: LOW_MEM_MICRO_TOKENS per forward and backward, the block's dL/dV summed over them (4 more)
-    state_bytes_per_weight_low_mem = 8.0
+    state_bytes_per_weight_low_mem = 7.0
     low_mem_tokens = LOW_MEM_MICRO_TOKENS
 
     def quantize_block(

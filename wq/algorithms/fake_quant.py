@@ -7,12 +7,11 @@ weights instead of autograd's many). Two forms:
 
 - `FakeQuant`: returns w_hat itself (the caller multiplies it in);
 - `QuantLinearFn`: returns F.linear(x, w_hat, bias) with V held as integers (wq.algorithms.offsets) and keeps
-  for the backward only what the weights cannot be rebuilt without: the codes before the clamp, saturated,
-  in 1 byte a weight (they give the clamped codes and the clamp mask), plus references to x and the stored
-  weights, which are alive anyway. w_hat (4 bytes a weight) is rebuilt in the backward, one Linear at a
-  time, instead of being held for every Linear of a block between the forward and the backward. With the
-  weights kept in their bf16 storage a block's whole autograd state is 1 byte a weight beyond them, against
-  4 + 4 + 1 + 1 when the fp32 weights and w_hat were saved.
+  for the backward only references to x and the stored weights, which are alive anyway: the codes and w_hat
+  are rebuilt in the backward from the weights and V, one Linear at a time, instead of being held for every
+  Linear of a block between the forward and the backward. With the weights kept in their bf16 storage a
+  block's autograd state holds no bytes a weight beyond them and V, against 4 + 4 + 1 + 1 when the fp32
+  weights, w_hat, the codes and the clamp mask were saved.
 
 Shapes: w [out, in] (any float dtype; converted to fp32 where used, which is exact for bf16/fp16);
 wg, v [out, ng, G] with the partial last group zero-padded; s, z [out, ng, 1] (z integer valued).
@@ -74,11 +73,6 @@ def _small_dtype(maxq: int) -> torch.dtype:
     return torch.int8 if maxq <= 127 else torch.int16
 
 
-def _saturated_dtype(maxq: int) -> torch.dtype:
-    """Codes before the clamp, saturated to [-1, maxq + 1]: one byte up to 6 bits, two above."""
-    return torch.int8 if maxq + 1 <= 127 else torch.int16
-
-
 def _grads(g: Tensor, wg: Tensor, qz: Tensor, inside: Tensor, inv_s: Tensor, s: Tensor):
     """d/dv, d/ds, d/dz of w_hat given dL/dw_hat = g (all [out, ng, G], s [out, ng, 1])."""
     du = (g * s).mul_(inside)  # d/du of round(u), u = wg/s + v
@@ -116,13 +110,17 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
 
 class QuantLinearFn(torch.autograd.Function):
     """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, s and z, and in V through `off`: dL/dV
-    goes to off.add_grad and off.token gets a zero gradient (see wq.algorithms.offsets).
+    goes to off.add_grad (or straight into a signed step of V, see below) and off.token gets a zero gradient
+    (see wq.algorithms.offsets).
 
-    Kept for the backward: x and the stored weights (alive anyway) and the codes before the clamp, saturated to
-    [-1, maxq + 1], in one byte a weight: they give both the clamped codes and the clamp's straight-through
-    mask. The elementwise passes go over a few rows at a time, so a Linear's temporaries are w_hat itself
-    (built for the matmul and dropped) plus chunk-sized scratch, not several fp32 copies of the weights.
-    Called as QuantLinearFn.apply(x, w, off.token, s, z, maxq, bias, off).
+    Kept for the backward: x and the stored weights (alive anyway) and the small s, z; nothing a weight. The
+    backward rebuilds the codes from w, V, s and z by the forward's own arithmetic (V does not move in between:
+    it steps only once every call's backward is done), so a block's autograd state holds no per-weight bytes
+    beyond the weights and V themselves. The elementwise passes go over a few rows at a time: a Linear's
+    temporaries are w_hat (built for the matmul, dropped) plus chunk-sized scratch. When off.step_at is set and
+    this is the Linear's last pending call with nothing summed before it, V steps a few rows at a time from
+    their dL/dV, so no gradient of the whole Linear is held either.
+    Called through quant_linear(), which counts the pending calls.
     """
 
     @staticmethod
@@ -131,40 +129,59 @@ class QuantLinearFn(torch.autograd.Function):
         out_f, in_f = w.shape
         G = off.shape[2]
         w_hat = torch.empty(out_f, off.shape[1] * G, dtype=torch.float32, device=w.device)  # [out, ng*G]
-        q_sat = torch.empty(off.shape, dtype=_saturated_dtype(maxq), device=w.device)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
             sc, zc = s[r0:r1], z[r0:r1]
             qf = _unclamped(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), 1.0 / sc, zc)
-            q_sat[r0:r1] = qf.clamp(-1, maxq + 1)
             w_hat[r0:r1] = qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)
-        ctx.save_for_backward(x, w, q_sat, s, z)
+        ctx.save_for_backward(x, w, s, z)
         ctx.maxq, ctx.off = maxq, off
         return F.linear(x, w_hat[:, :in_f], bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, w, q_sat, s, z = ctx.saved_tensors
+        x, w, s, z = ctx.saved_tensors
         maxq, off = ctx.maxq, ctx.off
+        off.pending = max(off.pending - 1, 0)
+        last = off.pending == 0 and off.step_at is not None
+        direct = last and off.grad is None  # dL/dV of this call alone is complete: step rows as they come
         out_f, in_f = w.shape
-        G = q_sat.shape[2]
+        G = off.shape[2]
         g2 = gy.reshape(-1, out_f)  # [tokens, out]
         x2 = x.reshape(-1, in_f)  # [tokens, in]
-        gx = None
-        if ctx.needs_input_grad[0]:
-            w_hat = _ungroup(q_sat.clamp(0, maxq).float().sub_(z).mul_(s), in_f)
-            gx = g2.mm(w_hat).view(*gy.shape[:-1], in_f)
-            del w_hat
+        need_gx = ctx.needs_input_grad[0]
+        w_hat = torch.empty(out_f, off.shape[1] * G, dtype=torch.float32, device=w.device) if need_gx else None
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
+            sc, zc = s[r0:r1], z[r0:r1]
+            inv_s = 1.0 / sc
+            wg = P.group_view(w[r0:r1].float(), G)
+            qf = _unclamped(wg, off.values(r0, r1), inv_s, zc)  # the forward's codes, V not yet stepped
+            inside = (qf >= 0) & (qf <= maxq)
+            qz = qf.clamp_(0, maxq).sub_(zc)
+            if w_hat is not None:
+                w_hat[r0:r1] = (qz * sc).flatten(1)
             gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
-            sc, qs = s[r0:r1], q_sat[r0:r1]
-            inside = (qs >= 0) & (qs <= maxq)
-            qz = qs.clamp(0, maxq).float().sub_(z[r0:r1])
-            du, ds[r0:r1], dz[r0:r1] = _grads(gw, P.group_view(w[r0:r1].float(), G), qz, inside, 1.0 / sc, sc)
-            off.add_grad(r0, r1, du)
+            du, ds[r0:r1], dz[r0:r1] = _grads(gw, wg, qz, inside, inv_s, sc)
+            if direct:
+                off.signed_step_(du, off.step_at, r0, r1)  # these rows' codes are already used above
+            else:
+                off.add_grad(r0, r1, du)
+        if last and not direct:  # summed over calls or micro-batches: complete now
+            off.signed_step_(off.take_grad(), off.step_at)
+        gx = None
+        if w_hat is not None:
+            gx = g2.mm(_ungroup(w_hat, in_f)).view(*gy.shape[:-1], in_f)
         gtoken = torch.zeros((), device=gy.device) if ctx.needs_input_grad[2] else None
         return gx, None, gtoken, ds, dz, None, None, None
+
+
+def quant_linear(x: Tensor, w: Tensor, s: Tensor, z: Tensor, maxq: int, bias: Tensor | None,
+                 off: IntOffsets) -> Tensor:
+    """QuantLinearFn on x, counting the call in off.pending when a backward will follow."""
+    if torch.is_grad_enabled() and (off.token.requires_grad or x.requires_grad or s.requires_grad):
+        off.pending += 1
+    return QuantLinearFn.apply(x, w, off.token, s, z, maxq, bias, off)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ integer (an unusual lr), V's bound becomes the largest multiple of unit below 0.
 
 The offsets are not an autograd leaf (integers have no gradient): wq.algorithms.fake_quant writes dL/dV into
 `grad` (summed over the calls of one backward) and returns a zero gradient for `token`, a 0-dim leaf whose
-gradient hook (or autograd.grad) tells the caller when dL/dV is complete.
+gradient hook (or autograd.grad) tells the caller when dL/dV is complete. When the caller sets `step_at` (one
+process, the minibatch's last backward), the backward of the Linear's last pending call takes the signed step
+itself, a few rows at a time as their dL/dV is computed, so no gradient of the whole Linear is ever held.
 
 Shapes: k, grad [out, ng, G]; values(r0, r1) [r1 - r0, ng, G] fp32.
 """
@@ -45,6 +47,8 @@ class IntOffsets:
         self.iters = iters
         self.token = torch.zeros((), requires_grad=True)  # carries "dL/dV is complete" through autograd
         self.grad: Tensor | None = None  # [out, ng, G] fp32, written by the backward
+        self.pending = 0  # forward calls whose backward is still to come (wq.algorithms.fake_quant.quant_linear)
+        self.step_at: int | None = None  # set: the backward steps V at this iteration once dL/dV is complete
 
     @property
     def shape(self) -> torch.Size:
@@ -66,12 +70,15 @@ class IntOffsets:
         return torch.zeros(self.k.shape, dtype=torch.float32, device=self.k.device) if g is None else g
 
     @torch.no_grad()
-    def signed_step_(self, g: Tensor, it: int) -> None:
-        """V -= lr * (1 - it/iters) * sign(g), clamped to [-0.5, 0.5]; exact in integers. g is overwritten."""
+    def signed_step_(self, g: Tensor, it: int, r0: int = 0, r1: int | None = None) -> None:
+        """V[r0:r1] -= lr * (1 - it/iters) * sign(g), clamped to [-0.5, 0.5]; exact in integers. g [r1 - r0, ng, G]
+        is overwritten."""
         n = (self.iters - it) * self.m
         if n:
-            self.k.sub_(g.sign_().mul_(n).to(self.k.dtype)).clamp_(-self.kmax, self.kmax)
+            k = self.k[r0:r1]
+            k.sub_(g.sign_().mul_(n).to(k.dtype)).clamp_(-self.kmax, self.kmax)
 
     def zero_(self) -> None:
         self.k.zero_()
         self.grad = None
+        self.pending = 0

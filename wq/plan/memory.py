@@ -8,7 +8,7 @@ machine has. Every term comes from the checkpoint's headers, the model's config 
                        weights, computed in fp32 one Linear at a time) or in fp32 (other block algorithms, FP8
                        sources), its quantized copy, and the fp32 copy of its largest Linear
     algorithm state    block algorithms: what they hold per weight of the block's planned Linears while they
-                       train (the algorithm's `state_bytes_per_weight`; autoround 4 bytes, 8 with several ranks)
+                       train (the algorithm's `state_bytes_per_weight`; autoround 3 bytes, 7 with several ranks)
     hessians           gptq: the block's input Hessians (fp32 [in, in] per distinct input), capped by the
                        hessian budget (several passes beyond it)
     calibration stream this rank's samples x seqlen x hidden x 4 bytes, x2 while a block's outputs are
