@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # --low-mem: autoround forwards and differentiates at most this many tokens at once (whole samples, at least one):
 # one 2048-token sample at the CLI's default seqlen, the whole minibatch of short samples
 LOW_MEM_MICRO_TOKENS = 2048
+_RESULT_CHUNK = 1 << 20  # weights per row chunk when the results are packed
 
 # kwargs a decoder block gets during a full-model forward that make no sense when replaying it
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
@@ -140,18 +141,30 @@ class _Target:
         return [(p, min_range, 1.0) for p in self._ranges()]
 
     @torch.no_grad()
-    def finalize(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Integer codes [out, in] int32, scale and zero [out, ng] under wq.primitives conventions."""
-        s, z = self.qparams()  # already fp16-exact scales, integer zeros
-        in_f = self.w.shape[1]
-        if self.kept is not None:
-            q = self.kept.rows()
-        else:  # only after reset_to_rtn (V = 0): wq.primitives' own rounding (w / s), exactly rtn's codes
-            wg = P.group_view(self.w.float(), self.v.shape[2])
-            q = torch.clamp(torch.round(wg / s) + z, 0, self.scheme.maxq)
-        s, z = s.squeeze(2), z.squeeze(2)
+    def result(self, stats: dict) -> QuantResult:
+        """The packed weight (codes under wq.primitives conventions: fp16-exact scales, integer zeros) and its
+        relative error, a few rows at a time: no [out, in] copy of the codes or of w_hat is made. V is released
+        first (the kept codes, or V = 0 after reset_to_rtn, are all that is left to export)."""
+        s, z = (t.detach() for t in self.qparams())  # [out, ng, 1]
         assert torch.equal(s, P.round_scale(s))
-        return q.flatten(1)[:, :in_f].to(torch.int32), s, z
+        G = self.v.shape[2]
+        self.v.release()
+        out_f, in_f = self.w.shape
+        maxq = self.scheme.maxq
+        parts, err, ref = [], 0.0, 0.0
+        for r0, r1 in P.row_chunks(out_f, in_f, _RESULT_CHUNK):
+            sc, zc = s[r0:r1], z[r0:r1]
+            wg = P.group_view(self.w[r0:r1].float(), G)
+            if self.kept is not None:
+                q = self.kept.rows(r0, r1).float()
+            else:  # only after reset_to_rtn (V = 0): wq.primitives' own rounding (w / s), exactly rtn's codes
+                q = torch.clamp(torch.round(wg / sc) + zc, 0, maxq)
+            diff = (q - zc).mul_(sc).sub_(wg).flatten(1)[:, :in_f]
+            err += float(diff.pow(2).sum())
+            ref += float(wg.pow(2).sum())  # the padding is zero
+            parts.append(PackedWeight.from_codes(q.flatten(1)[:, :in_f].to(torch.int32), sc.squeeze(2),
+                                                 zc.squeeze(2), self.scheme))
+        return QuantResult(PackedWeight.cat_out(parts), (err / max(ref, 1e-24)) ** 0.5, stats)
 
 
 def _samples(inputs: list[Tensor], kwargs: list[dict], targets: list[Tensor]):
@@ -360,15 +373,9 @@ def autoround_block(
     log.info("autoround block: loss %.3g -> %.3g (best at iter %d of %d) in %.1fs",
              rtn_loss, best_loss, best_iter, iters, seconds)
 
-    results = {}
-    for t in states:
-        q, scale, zero = t.finalize()
-        w_hat = P.dequantize(q, scale, zero, t.scheme.group_for(t.w.shape[1]))  # [out, in] fp32
-        stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
-                 "seconds": seconds}
-        results[t.name] = QuantResult(PackedWeight.from_codes(q, scale, zero, t.scheme),
-                                      P.relative_error(t.w.float(), w_hat), stats)
-    return results
+    stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
+             "seconds": seconds}
+    return {t.name: t.result(dict(stats)) for t in states}
 
 
 class _SignedSteps:
@@ -466,7 +473,7 @@ def _sum_over_ranks(grads: list[Tensor]) -> None:
 @ALGORITHMS.register("autoround")
 class AutoRound(Algorithm):
     """Settings: iters (200), lr (1/iters), batch_size (8 samples), seed (0), learn_range (True),
-    min_range (0.5: the smallest multiplier of a group's range)."""
+    min_range (0.5: the smallest multiplier of a group's range), micro_tokens (see micro_tokens())."""
 
     name = "autoround"
     needs_calibration = True

@@ -108,6 +108,41 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
     return w if w.shape[1] == in_f else w[:, :in_f]
 
 
+def _col_blocks(out_f: int, ng: int, G: int, in_f: int, elements: int) -> list[tuple[int, int, int, int]]:
+    """(g0, g1, j0, j1): blocks of whole groups (several groups) or of a group's columns (one group a row), each
+    about `elements` weights of all rows and at least 64 columns wide (see P.row_chunks on narrow matmuls)."""
+    if ng > 1:
+        per = max(-(-64 // G), elements // max(out_f * G, 1))
+        return [(g0, min(g0 + per, ng), 0, G) for g0 in range(0, ng, per)]
+    cols = max(64, elements // max(out_f, 1) // 64 * 64)
+    edges = list(range(0, in_f, cols))
+    if len(edges) > 1 and in_f - edges[-1] < 64:
+        edges.pop()
+    edges.append(in_f)
+    return [(0, 1, j0, j1) for j0, j1 in zip(edges[:-1], edges[1:])]
+
+
+def _w_hat_rows(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0: int, r1: int) -> Tensor:
+    """w_hat of rows r0:r1 [rows, in] fp32."""
+    G = off.shape[2]
+    sc, zc = s[r0:r1], z[r0:r1]
+    qf = _unclamped(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), 1.0 / sc, zc)
+    return _ungroup(qf.clamp_(0, maxq).sub_(zc).mul_(sc), w.shape[1])
+
+
+def _w_hat_cols(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, block: tuple[int, int, int, int]):
+    """w_hat of every row in one column block of _col_blocks [out, columns] fp32, and the columns' range."""
+    g0, g1, j0, j1 = block
+    G = off.shape[2]
+    in_f = w.shape[1]
+    c0, c1 = g0 * G + j0, min((g1 - 1) * G + j1, in_f)
+    wg = P.group_view(w[:, c0:c1].float(), j1 - j0)  # [out, g1 - g0, j1 - j0]
+    v = off.k[:, g0:g1, j0:j1].float().mul_(off.unit)
+    sc, zc = s[:, g0:g1], z[:, g0:g1]
+    qf = _unclamped(wg, v, 1.0 / sc, zc)
+    return qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)[:, : c1 - c0], (c0, c1)
+
+
 class QuantLinearFn(torch.autograd.Function):
     """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, s and z, and in V through `off`: dL/dV
     goes to off.add_grad (or straight into a signed step of V, see below) and off.token gets a zero gradient
@@ -116,10 +151,12 @@ class QuantLinearFn(torch.autograd.Function):
     Kept for the backward: x and the stored weights (alive anyway) and the small s, z; nothing a weight. The
     backward rebuilds the codes from w, V, s and z by the forward's own arithmetic (V does not move in between:
     it steps only once every call's backward is done), so a block's autograd state holds no per-weight bytes
-    beyond the weights and V themselves. The elementwise passes go over a few rows at a time: a Linear's
-    temporaries are w_hat (built for the matmul, dropped) plus chunk-sized scratch. When off.step_at is set and
-    this is the Linear's last pending call with nothing summed before it, V steps a few rows at a time from
-    their dL/dV, so no gradient of the whole Linear is held either.
+    beyond the weights and V themselves. Every pass over the weights goes a few rows (or columns) at a time,
+    the matmuls included: y by blocks of its output columns, dL/dx by blocks of its columns, dL/dw_hat by
+    blocks of rows, so no fp32 copy of a whole Linear's weights is ever made (each block's matmul sums the
+    same products in the same order as the whole one: identical results on this CPU's BLAS at >= 64 columns).
+    When off.step_at is set and this is the Linear's last pending call with nothing summed before it, V steps
+    a few rows at a time from their dL/dV, so no gradient of the whole Linear is held either.
     Called through quant_linear(), which counts the pending calls.
     """
 
@@ -127,15 +164,14 @@ class QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, token: Tensor, s: Tensor, z: Tensor, maxq: int,
                 bias: Tensor | None, off: IntOffsets) -> Tensor:
         out_f, in_f = w.shape
-        G = off.shape[2]
-        w_hat = torch.empty(out_f, off.shape[1] * G, dtype=torch.float32, device=w.device)  # [out, ng*G]
+        x2 = x.reshape(-1, in_f)  # [tokens, in]
+        y = torch.empty(x2.shape[0], out_f, dtype=torch.float32, device=x.device)  # [tokens, out]
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-            sc, zc = s[r0:r1], z[r0:r1]
-            qf = _unclamped(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), 1.0 / sc, zc)
-            w_hat[r0:r1] = qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)
+            y[:, r0:r1] = F.linear(x2, _w_hat_rows(w, off, s, z, maxq, r0, r1),
+                                   None if bias is None else bias[r0:r1])
         ctx.save_for_backward(x, w, s, z)
         ctx.maxq, ctx.off = maxq, off
-        return F.linear(x, w_hat[:, :in_f], bias)
+        return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -148,8 +184,13 @@ class QuantLinearFn(torch.autograd.Function):
         G = off.shape[2]
         g2 = gy.reshape(-1, out_f)  # [tokens, out]
         x2 = x.reshape(-1, in_f)  # [tokens, in]
-        need_gx = ctx.needs_input_grad[0]
-        w_hat = torch.empty(out_f, off.shape[1] * G, dtype=torch.float32, device=w.device) if need_gx else None
+        gx = None
+        if ctx.needs_input_grad[0]:  # before any row of V steps
+            gx = torch.empty(g2.shape[0], in_f, dtype=torch.float32, device=gy.device)  # [tokens, in]
+            for block in _col_blocks(out_f, off.shape[1], G, in_f, _CHUNK):
+                w_hat, (c0, c1) = _w_hat_cols(w, off, s, z, maxq, block)
+                gx[:, c0:c1] = g2.mm(w_hat)
+            gx = gx.view(*gy.shape[:-1], in_f)
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
@@ -159,19 +200,14 @@ class QuantLinearFn(torch.autograd.Function):
             qf = _unclamped(wg, off.values(r0, r1), inv_s, zc)  # the forward's codes, V not yet stepped
             inside = (qf >= 0) & (qf <= maxq)
             qz = qf.clamp_(0, maxq).sub_(zc)
-            if w_hat is not None:
-                w_hat[r0:r1] = (qz * sc).flatten(1)
             gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
             du, ds[r0:r1], dz[r0:r1] = _grads(gw, wg, qz, inside, inv_s, sc)
             if direct:
-                off.signed_step_(du, off.step_at, r0, r1)  # these rows' codes are already used above
+                off.signed_step_(du, off.step_at, r0, r1)
             else:
                 off.add_grad(r0, r1, du)
         if last and not direct:  # summed over calls or micro-batches: complete now
             off.signed_step_(off.take_grad(), off.step_at)
-        gx = None
-        if w_hat is not None:
-            gx = g2.mm(_ungroup(w_hat, in_f)).view(*gy.shape[:-1], in_f)
         gtoken = torch.zeros((), device=gy.device) if ctx.needs_input_grad[2] else None
         return gx, None, gtoken, ds, dz, None, None, None
 

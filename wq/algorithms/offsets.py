@@ -44,15 +44,12 @@ class IntOffsets:
         # the largest step is iters * m units; k +- a step must not wrap before the clamp
         dtype = torch.int16 if self.kmax + iters * self.m <= _INT16_MAX else torch.int32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.shape = torch.Size(shape)
         self.iters = iters
         self.token = torch.zeros((), requires_grad=True)  # carries "dL/dV is complete" through autograd
         self.grad: Tensor | None = None  # [out, ng, G] fp32, written by the backward
         self.pending = 0  # forward calls whose backward is still to come (wq.algorithms.fake_quant.quant_linear)
         self.step_at: int | None = None  # set: the backward steps V at this iteration once dL/dV is complete
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.k.shape
 
     def values(self, r0: int = 0, r1: int | None = None) -> Tensor:
         """V of rows r0:r1 in fp32 [rows, ng, G]."""
@@ -77,6 +74,11 @@ class IntOffsets:
         if n:
             k = self.k[r0:r1]
             k.sub_(g.sign_().mul_(n).to(k.dtype)).clamp_(-self.kmax, self.kmax)
+
+    def release(self) -> None:
+        """Drop V (nothing steps or reads it again); the shape stays known."""
+        self.k = self.k.new_empty(0)
+        self.grad = None
 
     def zero_(self) -> None:
         self.k.zero_()
