@@ -224,6 +224,26 @@ def test_micro_batches_sum_the_minibatch_gradient(monkeypatch):
     assert micro[first].stats["loss"] < 0.9 * micro[first].stats["rtn_loss"]
 
 
+def test_results_in_row_chunks_equal_whole_packing(monkeypatch):
+    """The packed results, made a few rows at a time, hold the same codes as packing the whole weight, and the
+    relative error is that of the dequantized whole weight."""
+    import wq.algorithms.autoround as ar
+    from wq.packing import PackedWeight
+
+    monkeypatch.setattr(ar, "_RESULT_CHUNK", 64 * 64)
+    block, inputs, kwargs, targets = _tiny_block()
+    plan = {n: QuantScheme.parse("W3G128") for n in _linears(block)}
+    results = autoround_block(block, plan, inputs, kwargs, targets, iters=6, batch_size=2)
+    for n, r in results.items():
+        w = block.get_submodule(n).weight.detach()
+        assert r.packed.out_features == w.shape[0] and w.shape[0] > 64  # several chunks
+        whole = PackedWeight.from_codes(r.packed.codes(), r.packed.scales.t().float(), r.packed.zeros.t().float(),
+                                        r.packed.scheme)
+        assert torch.equal(whole.qweight, r.packed.qweight), n
+        ref = float((w - r.packed.dequantize()).norm() / w.norm())
+        assert r.error == pytest.approx(ref, rel=1e-5), n
+
+
 def test_low_mem_trains_2048_tokens_at_a_time():
     from wq.algorithms.autoround import LOW_MEM_MICRO_TOKENS, AutoRound
 

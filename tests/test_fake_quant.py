@@ -54,6 +54,31 @@ def test_fused_linear_matches_autograd(scheme, in_f):
     assert float(g1[1].abs().sum()) > 0 and float((g1[1] == 0).sum()) > 0  # clamped weights get no V gradient
 
 
+@pytest.mark.parametrize("scheme,in_f", [("W4G128", 320), ("W4G-1", 320), ("W2G32", 200)])
+def test_fused_linear_in_blocks_equals_one_pass(scheme, in_f, monkeypatch):
+    """With chunks small enough that the output, dL/dx and dL/dV go in several blocks of rows and of columns
+    (groups, or one group's columns at W4G-1), the fused Linear gives FakeQuant's output and gradients."""
+    import wq.algorithms.fake_quant as fq
+
+    monkeypatch.setattr(fq, "_CHUNK", 64 * 64)
+    sch = QuantScheme.parse(scheme)
+    w, off, s, z = _state(200, in_f, sch, seed=2)
+    assert len(P.row_chunks(200, in_f, fq._CHUNK)) > 1
+    assert len(fq._col_blocks(200, off.shape[1], off.shape[2], in_f, fq._CHUNK)) > 1
+    x = torch.randn(3, 7, in_f, requires_grad=True)
+    gy = torch.randn(3, 7, 200)
+    y1 = QuantLinearFn.apply(x, w, off.token, s, z, sch.maxq, None, off)
+    g1 = list(torch.autograd.grad(y1, (x, off.token, s, z), gy))
+    g1[1] = off.take_grad()
+    v = off.values().requires_grad_(True)
+    w_hat = FakeQuant.apply(P.group_view(w, v.shape[2]), v, s, z, sch.maxq).flatten(1)[:, :in_f]
+    y2 = F.linear(x, w_hat)
+    g2 = torch.autograd.grad(y2, (x, v, s, z), gy)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    for a, b, name in zip(g1, g2, "xvsz"):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_fused_linear_saves_nothing_a_weight():
     """Between forward and backward a quantized Linear holds only x, the stored weights, s and z (all alive
     anyway): no codes, no mask, no copy of w_hat or of fp32 weights; the backward rebuilds them from w and V."""
