@@ -282,6 +282,8 @@ def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
     assert estimate_streamed(sk, plan, calibrated=True, **kw).terms["activations"] == 16 * widest * 4 * 3
     assert estimate_streamed(sk, plan, calibrated=True, block_algo=True, batch_size=2, **kw).terms["activations"] == 2 * 16 * widest * 4 * 3
     assert "activations" not in estimate_streamed(sk, plan, calibrated=False).terms
+    # a block algorithm that trains holds them through a backward: seven of the widest
+    assert est["activations"] == 16 * widest * 4 * 7
 
 
 def test_training_footprint_under_low_mem():

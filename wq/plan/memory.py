@@ -157,9 +157,13 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
     if calibrated:
         hidden = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0) or 0
         stream = -(-nsamples // max(processes, 1)) * seqlen * hidden * 4 * (4 if block_algo else 2)
-        # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once
+        # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once;
+        # a block algorithm that trains (state to hold) holds them through a backward: the MLP's gate, up, activation
+        # and product, and the gradients of three of them (7; measured on a hidden-2048 block, 4 x 256 tokens: ~160
+        # MiB at the peak of the MLP's backward against 7 x 22)
         at_once = max(batch_size, 1) if block_algo else 1
-        acts = at_once * seqlen * max((o for _, o in in_block.values()), default=0) * 4 * 3
+        widest = 7 if block_algo and state_per_weight else 3
+        acts = at_once * seqlen * max((o for _, o in in_block.values()), default=0) * 4 * widest
     hessians = 0
     if calibrated and not block_algo:
         hessians = min(sum(i * i * 4 for i in sorted({i for i, _ in in_block.values()})), hessian_budget)
