@@ -41,10 +41,11 @@ def ste_fp16(s: Tensor) -> Tensor:
     return s + (P.round_scale(s) - s).detach()
 
 
-def _unclamped(wg: Tensor, v: Tensor, inv_s: Tensor, z: Tensor) -> Tensor:
+def _unclamped(wg: Tensor, v: Tensor, inv_s: Tensor, z: Tensor, inplace: bool = False) -> Tensor:
     """round(wg/s + v) + z [out, ng, G] fp32: the codes before the clamp (one definition, so the forward, the
-    saved codes and the exported codes round alike)."""
-    return torch.round(wg * inv_s + v).add_(z)
+    backward and the exported codes round alike). inplace: written over wg (one fp32 temporary fewer)."""
+    q = wg.mul_(inv_s) if inplace else wg * inv_s
+    return q.add_(v).round_().add_(z)
 
 
 def _codes(wg: Tensor, v: Tensor, s: Tensor, z: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,8 +64,8 @@ def codes(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int) -> Tensor
     G = off.shape[2]
     q = torch.empty(off.shape, dtype=torch.uint8 if maxq <= 255 else torch.int16, device=w.device)
     for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-        qz, _, _ = _codes(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), s[r0:r1], z[r0:r1], maxq)
-        q[r0:r1] = qz.add_(z[r0:r1])
+        wg = P.group_view(w[r0:r1].to(torch.float32, copy=True), G)  # a copy of its own: overwritten below
+        q[r0:r1] = _unclamped(wg, off.values(r0, r1), 1.0 / s[r0:r1], z[r0:r1], inplace=True).clamp_(0, maxq)
     return q
 
 
@@ -126,7 +127,8 @@ def _w_hat_rows(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0:
     """w_hat of rows r0:r1 [rows, in] fp32."""
     G = off.shape[2]
     sc, zc = s[r0:r1], z[r0:r1]
-    qf = _unclamped(P.group_view(w[r0:r1].float(), G), off.values(r0, r1), 1.0 / sc, zc)
+    wg = P.group_view(w[r0:r1].to(torch.float32, copy=True), G)  # a copy of its own: overwritten below
+    qf = _unclamped(wg, off.values(r0, r1), 1.0 / sc, zc, inplace=True)
     return _ungroup(qf.clamp_(0, maxq).sub_(zc).mul_(sc), w.shape[1])
 
 
@@ -136,10 +138,10 @@ def _w_hat_cols(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, blo
     G = off.shape[2]
     in_f = w.shape[1]
     c0, c1 = g0 * G + j0, min((g1 - 1) * G + j1, in_f)
-    wg = P.group_view(w[:, c0:c1].float(), j1 - j0)  # [out, g1 - g0, j1 - j0]
+    wg = P.group_view(w[:, c0:c1].to(torch.float32, copy=True), j1 - j0)  # [out, g1 - g0, j1 - j0], overwritten
     v = off.k[:, g0:g1, j0:j1].float().mul_(off.unit)
     sc, zc = s[:, g0:g1], z[:, g0:g1]
-    qf = _unclamped(wg, v, 1.0 / sc, zc)
+    qf = _unclamped(wg, v, 1.0 / sc, zc, inplace=True)
     return qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)[:, : c1 - c0], (c0, c1)
 
 
@@ -198,7 +200,7 @@ class QuantLinearFn(torch.autograd.Function):
             inv_s = 1.0 / sc
             wg = P.group_view(w[r0:r1].float(), G)
             qf = _unclamped(wg, off.values(r0, r1), inv_s, zc)  # the forward's codes, V not yet stepped
-            inside = (qf >= 0) & (qf <= maxq)
+            inside = (qf >= 0).logical_and_(qf <= maxq)
             qz = qf.clamp_(0, maxq).sub_(zc)
             gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
             du, ds[r0:r1], dz[r0:r1] = _grads(gw, wg, qz, inside, inv_s, sc)
