@@ -107,7 +107,7 @@ class _Target:
         w_hat = ((self.kept.rows().float() - z) * s).flatten(1)[:, : self.w.shape[1]]
         return F.linear(x, w_hat, self.bias)
 
-    # the best iterate is kept as its codes at the scheme's bits (wq.algorithms.kept_codes: 1/2 byte a weight at
+    # the best iterate is kept as its codes, several to a byte (wq.algorithms.kept_codes: 1/2 byte a weight at
     # W4, not V's 2) and its range multipliers: the codes are all the export and the final loss need
     @torch.no_grad()
     def snapshot(self) -> list:
@@ -479,8 +479,8 @@ class AutoRound(Algorithm):
     needs_calibration = True
     granularity = "block"
     reads_16bit_weights = True  # _Target reads a Linear's weights in fp32 where used, never copies or writes them
-    # V (2: int16 up to ~250 iterations at the default lr, 4 above) and the best iterate's codes (bits/8, at most
-    # 1); the backward keeps no codes (rebuilt from w and V). Several ranks hold every gradient (4) for the
+    # V (2: int16 up to ~250 iterations at the default lr, 4 above) and the best iterate's codes (1/4 to 1, several
+    # to a byte); the backward keeps no codes (rebuilt from w and V). Several ranks hold every gradient (4) for the
     # all-reduce; one process steps V rows at a time inside the backward and each range as its gradient completes
     state_bytes_per_weight = 3.0
     state_bytes_per_weight_ranks = 7.0
