@@ -244,6 +244,34 @@ def test_results_in_row_chunks_equal_whole_packing(monkeypatch):
         assert r.error == pytest.approx(ref, rel=1e-5), n
 
 
+def test_gradients_summed_but_not_reached_by_the_last_micro_batch_still_step():
+    """An MoE expert routed tokens in an earlier micro-batch but none in the last: its summed dL/dV and range
+    gradients are stepped after the backward (as the path of several ranks does), not carried into the next
+    iteration."""
+    from wq.algorithms.autoround import _SignedSteps, _Target
+    from wq.algorithms.fake_quant import quantized_forwards
+
+    lin = nn.Linear(128, 64, bias=False)
+    t = _Target.make("expert", lin, QuantScheme.parse("W4G128"), True, 1 / 8, 8)
+    stepper = _SignedSteps([t], 0.5)
+    try:
+        stepper.arm(2, 0.1)
+        stepper.last = False  # an earlier micro-batch: gradients only summed
+        with quantized_forwards({lin: t.forward}):
+            lin(torch.randn(5, 128)).pow(2).sum().backward()
+        summed, alpha_g = t.v.grad.clone(), t.alpha.grad.clone()
+        k0, a0 = t.v.k.clone(), t.alpha.detach().clone()
+        stepper.last = True  # the last micro-batch never calls the expert
+        stepper.finish()
+    finally:
+        stepper.remove()
+    assert t.v.grad is None and t.alpha.grad is None and t.v.pending == 0
+    n = (8 - 2) * t.v.m
+    assert torch.equal(t.v.k, (k0 - summed.sign().to(k0.dtype) * n).clamp(-t.v.kmax, t.v.kmax))
+    assert not torch.equal(t.v.k, k0)
+    assert torch.allclose(t.alpha.detach(), (a0 - 0.1 * alpha_g.sign()).clamp(0.5, 1.0))
+
+
 def test_low_mem_trains_2048_tokens_at_a_time():
     from wq.algorithms.autoround import LOW_MEM_MICRO_TOKENS, AutoRound
 

@@ -159,3 +159,33 @@ def test_quantized_forwards_restores_an_earlier_instance_forward():
     with pytest.raises(TypeError, match="nn.Linear"):
         with quantized_forwards({nn.Conv1d(1, 1, 1): lambda x: x}):
             pass
+
+
+@pytest.mark.parametrize("out_f,G,in_f", [(200, 32, 200), (200, 32, 320), (14336, 1024, 4096), (64, 576, 576),
+                                           (48, 128, 160), (5632, 128, 2048)])
+def test_column_blocks_cover_every_column_once_and_wide(out_f, G, in_f):
+    """dL/dx's column blocks: every column once, in order, none narrower than 64 columns (where the weight has
+    64), none much over the chunk (a group larger than the chunk is split inside)."""
+    import wq.algorithms.fake_quant as fq
+
+    for elements in (64 * 64, 1 << 20):
+        ng = -(-in_f // G)
+        cols = []
+        for g0, g1, j0, j1 in fq._col_blocks(out_f, ng, G, in_f, elements):
+            c0, c1 = g0 * G + j0, min((g1 - 1) * G + j1, in_f)
+            assert c1 - c0 >= min(64, in_f), (g0, g1, j0, j1)
+            assert out_f * (c1 - c0) <= max(2 * elements, out_f * 128), (g0, g1, j0, j1)
+            cols.append((c0, c1))
+        assert cols[0][0] == 0 and cols[-1][1] == in_f
+        assert all(a[1] == b[0] for a, b in zip(cols, cols[1:]))
+
+
+def test_a_step_needs_counted_calls():
+    """A backward that would step V but was not counted (QuantLinearFn.apply called directly) is refused: V
+    could step while another call of the Linear still needs it."""
+    sch = QuantScheme.parse("W4G128")
+    w, off, s, z = _state(64, 128, sch)
+    off.step_at = 0
+    y = QuantLinearFn.apply(torch.randn(2, 128, requires_grad=True), w, off.token, s, z, sch.maxq, None, off)
+    with pytest.raises(RuntimeError, match="quant_linear"):
+        y.sum().backward()

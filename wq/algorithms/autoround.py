@@ -328,7 +328,9 @@ def autoround_block(
                 if not need_grad:
                     break
                 if stepper is not None:  # one process: each parameter steps as soon as its gradient is complete
-                    loss.backward()
+                    if loss.requires_grad:
+                        loss.backward()
+                    stepper.finish()
                     continue
                 # several ranks: every gradient first, summed over the ranks, then the same steps. dL/dV lands in
                 # each Linear's offsets (the tokens' own gradients are zeros); an MoE expert no token of this
@@ -390,8 +392,8 @@ class _SignedSteps:
         self.offsets = [t.v for t in states]
         self.it, self.step, self._last = 0, 0.0, True
         self.handles = [t.v.token.register_post_accumulate_grad_hook(self._token_hook) for t in states]
-        self.handles += [p.register_post_accumulate_grad_hook(self._hook(lo, hi))
-                         for t in states for p, lo, hi in t.range_bounds(min_range)]
+        self.ranges = [(p, lo, hi) for t in states for p, lo, hi in t.range_bounds(min_range)]
+        self.handles += [p.register_post_accumulate_grad_hook(self._hook(lo, hi)) for p, lo, hi in self.ranges]
 
     def arm(self, it: int, step: float) -> None:
         """Iteration `it` with step `step` begins: no call is pending, the next backward steps."""
@@ -422,6 +424,19 @@ class _SignedSteps:
                 g, p.grad = p.grad, None
                 p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
         return hook
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """After the minibatch's last backward: step what was summed in earlier micro-batches but not reached by the
+        last one (an MoE expert no token of it was routed to), as the path of several ranks does."""
+        for off in self.offsets:
+            if off.grad is not None:
+                off.signed_step_(off.take_grad(), self.it)
+            off.pending = 0
+        for p, lo, hi in self.ranges:
+            if p.grad is not None:
+                g, p.grad = p.grad, None
+                p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
 
     def remove(self) -> None:
         for h in self.handles:

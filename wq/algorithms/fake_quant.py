@@ -7,7 +7,7 @@ weights instead of autograd's many). Two forms:
 
 - `FakeQuant`: returns w_hat itself (the caller multiplies it in);
 - `QuantLinearFn`: returns F.linear(x, w_hat, bias) with V held as integers (wq.algorithms.offsets) and keeps
-  for the backward only references to x and the stored weights, which are alive anyway: the codes and w_hat
+  for the backward only references to x and the stored weights, which are alive anyway, and the small s, z: the codes and w_hat
   are rebuilt in the backward from the weights and V, one Linear at a time, instead of being held for every
   Linear of a block between the forward and the backward. With the weights kept in their bf16 storage a
   block's autograd state holds no bytes a weight beyond them and V, against 4 + 4 + 1 + 1 when the fp32
@@ -109,18 +109,30 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
     return w if w.shape[1] == in_f else w[:, :in_f]
 
 
-def _col_blocks(out_f: int, ng: int, G: int, in_f: int, elements: int) -> list[tuple[int, int, int, int]]:
-    """(g0, g1, j0, j1): blocks of whole groups (several groups) or of a group's columns (one group a row), each
-    about `elements` weights of all rows and at least 64 columns wide (see P.row_chunks on narrow matmuls)."""
-    if ng > 1:
-        per = max(-(-64 // G), elements // max(out_f * G, 1))
-        return [(g0, min(g0 + per, ng), 0, G) for g0 in range(0, ng, per)]
-    cols = max(64, elements // max(out_f, 1) // 64 * 64)
-    edges = list(range(0, in_f, cols))
-    if len(edges) > 1 and in_f - edges[-1] < 64:
+def _spans(n: int, step: int) -> list[tuple[int, int]]:
+    """[(a, b)] covering range(n) in steps of `step`; a remainder narrower than 64 joins the span before it."""
+    edges = list(range(0, n, step))
+    if len(edges) > 1 and n - edges[-1] < 64:
         edges.pop()
-    edges.append(in_f)
-    return [(0, 1, j0, j1) for j0, j1 in zip(edges[:-1], edges[1:])]
+    edges.append(n)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _col_blocks(out_f: int, ng: int, G: int, in_f: int, elements: int) -> list[tuple[int, int, int, int]]:
+    """(g0, g1, j0, j1): blocks of columns of every row, about `elements` weights each and at least 64 columns
+    wide where the weight has them (a narrow remainder joins the block before it, as in P.row_chunks, whose
+    note on narrow matmuls applies): whole groups g0:g1 when one group of every row fits in `elements`, else
+    the columns j0:j1 of one group at a time (a group of a whole row, W4G-1, or very large groups; whole groups
+    again where a group cannot give two blocks of 64 or the last, partial group is narrower than 64)."""
+    if ng > 1 and (out_f * G <= elements or G < 128 or in_f - (ng - 1) * G < 64):
+        per = max(-(-64 // G), elements // max(out_f * G, 1))
+        blocks = [(g0, min(g0 + per, ng)) for g0 in range(0, ng, per)]
+        if len(blocks) > 1 and in_f - blocks[-1][0] * G < 64:  # the last block's columns (its last group may be partial)
+            last = blocks.pop()
+            blocks[-1] = (blocks[-1][0], last[1])
+        return [(g0, g1, 0, G) for g0, g1 in blocks]
+    cols = max(64, elements // max(out_f, 1) // 64 * 64)
+    return [(g, g + 1, j0, j1) for g in range(ng) for j0, j1 in _spans(min(G, in_f - g * G), cols)]
 
 
 def _w_hat_rows(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0: int, r1: int) -> Tensor:
@@ -179,6 +191,9 @@ class QuantLinearFn(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x, w, s, z = ctx.saved_tensors
         maxq, off = ctx.maxq, ctx.off
+        if off.step_at is not None and off.pending <= 0:  # V would step while another call may still need it
+            raise RuntimeError("QuantLinearFn: a backward that steps V but no pending call; call the Linear "
+                               "through quant_linear(), which counts the calls")
         off.pending = max(off.pending - 1, 0)
         last = off.pending == 0 and off.step_at is not None
         direct = last and off.grad is None  # dL/dV of this call alone is complete: step rows as they come

@@ -9,10 +9,12 @@ range being |k| <= 32767), against 4 for an fp32 V that also rounds every additi
 integer (an unusual lr), V's bound becomes the largest multiple of unit below 0.5.
 
 The offsets are not an autograd leaf (integers have no gradient): wq.algorithms.fake_quant writes dL/dV into
-`grad` (summed over the calls of one backward) and returns a zero gradient for `token`, a 0-dim leaf whose
-gradient hook (or autograd.grad) tells the caller when dL/dV is complete. When the caller sets `step_at` (one
-process, the minibatch's last backward), the backward of the Linear's last pending call takes the signed step
-itself, a few rows at a time as their dL/dV is computed, so no gradient of the whole Linear is ever held.
+`grad` (summed over the calls and backwards until it is taken) and returns a zero gradient for `token`, a 0-dim
+leaf that puts the offsets in the graph. With several ranks the caller takes `grad` after the backward. With one
+process the caller sets `step_at` for the minibatch's last backward, and the backward of the Linear's last
+pending call (`pending`, counted by fake_quant.quant_linear) takes the signed step itself, a few rows at a time as
+their dL/dV is computed, so no gradient of the whole Linear is held; what was summed in earlier micro-batches
+is stepped with it, or after the backward when the last one never reached the Linear (an MoE expert).
 
 Shapes: k, grad [out, ng, G]; values(r0, r1) [r1 - r0, ng, G] fp32.
 """
