@@ -79,6 +79,16 @@ def test_fused_linear_in_blocks_equals_one_pass(scheme, in_f, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_fused_linear_output_may_be_modified_in_place():
+    """Models add into a Linear's output in place (falcon, llama4): the fused Linear's output is not a view."""
+    sch = QuantScheme.parse("W4G128")
+    w, off, s, z = _state(64, 128, sch)
+    y = quant_linear(torch.randn(2, 3, 128, requires_grad=True), w, s, z, sch.maxq, None, off)
+    y += 1.0
+    y.sum().backward()
+    assert off.take_grad().abs().sum() > 0
+
+
 def test_fused_linear_saves_nothing_a_weight():
     """Between forward and backward a quantized Linear holds only x, the stored weights, s and z (all alive
     anyway): no codes, no mask, no copy of w_hat or of fp32 weights; the backward rebuilds them from w and V."""

@@ -179,13 +179,16 @@ class QuantLinearFn(torch.autograd.Function):
                 bias: Tensor | None, off: IntOffsets) -> Tensor:
         out_f, in_f = w.shape
         x2 = x.reshape(-1, in_f)  # [tokens, in]
-        y = torch.empty(x2.shape[0], out_f, dtype=torch.float32, device=x.device)  # [tokens, out]
+        # allocated in its final shape: an output that is a view of a Function's own tensor may not be modified
+        # in place afterwards (some models add into a Linear's output)
+        y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
+        y2 = y.view(-1, out_f)  # [tokens, out]
         for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-            y[:, r0:r1] = F.linear(x2, _w_hat_rows(w, off, s, z, maxq, r0, r1),
-                                   None if bias is None else bias[r0:r1])
+            y2[:, r0:r1] = F.linear(x2, _w_hat_rows(w, off, s, z, maxq, r0, r1),
+                                    None if bias is None else bias[r0:r1])
         ctx.save_for_backward(x, w, s, z)
         ctx.maxq, ctx.off = maxq, off
-        return y.view(*x.shape[:-1], out_f)
+        return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
