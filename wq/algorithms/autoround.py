@@ -104,8 +104,12 @@ class _Target:
         s, z = self.qparams()
         if self.kept is None:
             return quant_linear(x, self.w, s, z, self.scheme.maxq, self.bias, self.v)
-        w_hat = ((self.kept.rows().float() - z) * s).flatten(1)[:, : self.w.shape[1]]
-        return F.linear(x, w_hat, self.bias)
+        out_f, in_f = self.w.shape
+        y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
+        for r0, r1 in P.row_chunks(out_f, in_f, _RESULT_CHUNK):  # no fp32 copy of the whole Linear
+            w_hat = ((self.kept.rows(r0, r1).float() - z[r0:r1]) * s[r0:r1]).flatten(1)[:, :in_f]
+            y[..., r0:r1] = F.linear(x, w_hat, None if self.bias is None else self.bias[r0:r1])
+        return y
 
     # the best iterate is kept as its codes, several to a byte (wq.algorithms.kept_codes: 1/2 byte a weight at
     # W4, not V's 2) and its range multipliers: the codes are all the export and the final loss need
@@ -348,7 +352,7 @@ def autoround_block(
                     for t, g in zip(states, grads):
                         t.v.signed_step_(g, it)
                     for (p, lo, hi), g in zip(ranges, grads[len(states):]):
-                        p.add_(g.sign_(), alpha=-step).clamp_(lo, hi)
+                        _range_step_(p, g, step, lo, hi)
                 del grads
             for i, t in enumerate(states):
                 if best is None:
@@ -378,6 +382,12 @@ def autoround_block(
     stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
              "seconds": seconds}
     return {t.name: t.result(dict(stats)) for t in states}
+
+
+@torch.no_grad()
+def _range_step_(p: Tensor, g: Tensor, step: float, lo: float, hi: float) -> None:
+    """A range multiplier's signed step, p -= step * sign(g), clamped to [lo, hi]; g is overwritten."""
+    p.add_(g.sign_(), alpha=-step).clamp_(lo, hi)
 
 
 class _SignedSteps:
@@ -422,7 +432,7 @@ class _SignedSteps:
         def hook(p: Tensor) -> None:
             if self._last:
                 g, p.grad = p.grad, None
-                p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
+                _range_step_(p, g, self.step, lo, hi)
         return hook
 
     @torch.no_grad()
@@ -436,7 +446,7 @@ class _SignedSteps:
         for p, lo, hi in self.ranges:
             if p.grad is not None:
                 g, p.grad = p.grad, None
-                p.add_(g.sign_(), alpha=-self.step).clamp_(lo, hi)
+                _range_step_(p, g, self.step, lo, hi)
 
     def remove(self) -> None:
         for h in self.handles:

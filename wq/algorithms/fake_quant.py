@@ -61,12 +61,16 @@ def codes(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int) -> Tensor
     """The integer codes clamp(round(wg/s + v) + z, 0, maxq) [out, ng, G] as the forward computes them,
     stored in uint8 (int16 above 8 bits); a few rows at a time."""
     out_f, in_f = w.shape
-    G = off.shape[2]
     q = torch.empty(off.shape, dtype=torch.uint8 if maxq <= 255 else torch.int16, device=w.device)
     for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-        wg = P.group_view(w[r0:r1].to(torch.float32, copy=True), G)  # a copy of its own: overwritten below
-        q[r0:r1] = _unclamped(wg, off.values(r0, r1), 1.0 / s[r0:r1], z[r0:r1], inplace=True).clamp_(0, maxq)
+        q[r0:r1] = _codes_rows(w, off, s, z, maxq, r0, r1)
     return q
+
+
+def _codes_rows(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0: int, r1: int) -> Tensor:
+    """clamp(round(wg/s + v) + z, 0, maxq) of rows r0:r1 [rows, ng, G] fp32."""
+    wg = P.group_view(w[r0:r1].to(torch.float32, copy=True), off.shape[2])  # a copy of its own: overwritten
+    return _unclamped(wg, off.values(r0, r1), 1.0 / s[r0:r1], z[r0:r1], inplace=True).clamp_(0, maxq)
 
 
 def _small_dtype(maxq: int) -> torch.dtype:
@@ -109,15 +113,6 @@ def _ungroup(wg: Tensor, in_f: int) -> Tensor:
     return w if w.shape[1] == in_f else w[:, :in_f]
 
 
-def _spans(n: int, step: int) -> list[tuple[int, int]]:
-    """[(a, b)] covering range(n) in steps of `step`; a remainder narrower than 64 joins the span before it."""
-    edges = list(range(0, n, step))
-    if len(edges) > 1 and n - edges[-1] < 64:
-        edges.pop()
-    edges.append(n)
-    return list(zip(edges[:-1], edges[1:]))
-
-
 def _col_blocks(out_f: int, ng: int, G: int, in_f: int, elements: int) -> list[tuple[int, int, int, int]]:
     """(g0, g1, j0, j1): blocks of columns of every row, about `elements` weights each and at least 64 columns
     wide where the weight has them (a narrow remainder joins the block before it, as in P.row_chunks, whose
@@ -131,17 +126,13 @@ def _col_blocks(out_f: int, ng: int, G: int, in_f: int, elements: int) -> list[t
             last = blocks.pop()
             blocks[-1] = (blocks[-1][0], last[1])
         return [(g0, g1, 0, G) for g0, g1 in blocks]
-    cols = max(64, elements // max(out_f, 1) // 64 * 64)
-    return [(g, g + 1, j0, j1) for g in range(ng) for j0, j1 in _spans(min(G, in_f - g * G), cols)]
+    # one group's columns split as P.row_chunks splits rows (each column spans all out_f rows)
+    return [(g, g + 1, j0, j1) for g in range(ng) for j0, j1 in P.row_chunks(min(G, in_f - g * G), out_f, elements)]
 
 
 def _w_hat_rows(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0: int, r1: int) -> Tensor:
     """w_hat of rows r0:r1 [rows, in] fp32."""
-    G = off.shape[2]
-    sc, zc = s[r0:r1], z[r0:r1]
-    wg = P.group_view(w[r0:r1].to(torch.float32, copy=True), G)  # a copy of its own: overwritten below
-    qf = _unclamped(wg, off.values(r0, r1), 1.0 / sc, zc, inplace=True)
-    return _ungroup(qf.clamp_(0, maxq).sub_(zc).mul_(sc), w.shape[1])
+    return _ungroup(_codes_rows(w, off, s, z, maxq, r0, r1).sub_(z[r0:r1]).mul_(s[r0:r1]), w.shape[1])
 
 
 def _w_hat_cols(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, block: tuple[int, int, int, int]):
