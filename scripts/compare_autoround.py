@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="keep only the first N decoder blocks: for timing the tools side by side (no perplexity)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more wq settings (e.g. rotate=true init=gptq quantizer=gptq), not given to auto-round")
     ap.add_argument("-o", "--output", default=None, help="JSON file for the results")
@@ -115,13 +117,16 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     base, tok = load_fp32(a.model)
+    if a.blocks:
+        base.model.layers = base.model.layers[: a.blocks]
+        base.config.num_hidden_layers = a.blocks
     samples = calibration_samples("emma", tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed)  # [n, L]
     windows = windows_for(tok, "prideprejudice", a.eval_seqlen, a.windows)
     rows = []
     meta = {"iters": a.iters, "lr": a.lr or f"1/{a.iters}", "nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": a.batch_size,
             "seed": a.seed, "eval": f"prideprejudice seqlen {a.eval_seqlen} x {windows.shape[0]} windows fp32",
             "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv), "set": a.set,
-            "load_average_at_start": os.getloadavg()}
+            "load_average_at_start": os.getloadavg(), "blocks": a.blocks or base.config.num_hidden_layers}
     for s in a.schemes:
         scheme = QuantScheme.parse(s)
         for algo in a.algos:
@@ -134,14 +139,14 @@ def main() -> None:
                 run_wq(model, scheme, algo, samples, tok, a)
             seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
             dequantized_copy_(model)
-            r = perplexity(model.eval(), windows)
+            r = {"ppl": float("nan")} if a.blocks else perplexity(model.eval(), windows)
             rows.append({"scheme": str(scheme), "algo": algo, "ppl": r["ppl"], "seconds": seconds,
                          "cpu_seconds": cpu_seconds, "load_avg_start": load0, "load_avg_end": os.getloadavg()})
             log.info("%s %s: ppl %.3f, quantization %.1fs (cpu %.1fs)", scheme, algo, r["ppl"], seconds, cpu_seconds)
             del model
             if a.output:
                 _write(a.output, meta, rows)
-    if a.baseline:
+    if a.baseline and not a.blocks:
         r = perplexity(base, windows)
         rows.append({"scheme": "BF16", "algo": "-", "ppl": r["ppl"], "seconds": 0.0})
         log.info("baseline ppl %.3f", r["ppl"])

@@ -199,3 +199,14 @@ def test_a_step_needs_counted_calls():
     y = QuantLinearFn.apply(torch.randn(2, 128, requires_grad=True), w, off.token, s, z, sch.maxq, None, off)
     with pytest.raises(RuntimeError, match="quant_linear"):
         y.sum().backward()
+
+
+def test_blocks_are_larger_on_a_gpu():
+    """The blocked passes use ~1M-weight blocks on CPU and 64x that elsewhere: on a GPU an 8B model's MLP
+    Linear (14336 x 4096) is one block, a 405B one (53248 x 16384) about a dozen."""
+    import wq.algorithms.fake_quant as fq
+
+    cpu, gpu = fq.block_weights(torch.device("cpu")), fq.block_weights(torch.device("cuda"))
+    assert gpu == 64 * cpu
+    assert len(P.row_chunks(14336, 4096, gpu)) == 1 and len(P.row_chunks(14336, 4096, cpu)) > 50
+    assert 8 <= len(P.row_chunks(53248, 16384, gpu)) <= 16

@@ -30,6 +30,14 @@ from .. import primitives as P
 from .offsets import IntOffsets
 
 _CHUNK = 1 << 20  # weights per row chunk of the elementwise passes: their fp32 temporaries stay ~4 MiB each
+# On a GPU a few large matmuls beat many small ones and the temporaries come from the caching allocator, so the
+# blocks there are 64x larger (256 MiB of fp32: a whole Linear up to 8B-model sizes). Not measured on a GPU.
+_GPU_CHUNK = 1 << 26
+
+
+def block_weights(device: torch.device) -> int:
+    """Weights per block of the blocked passes and matmuls on `device`."""
+    return _CHUNK if device.type == "cpu" else _GPU_CHUNK
 
 
 def ste_round(x: Tensor) -> Tensor:
@@ -62,7 +70,7 @@ def codes(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int) -> Tensor
     stored in uint8 (int16 above 8 bits); a few rows at a time."""
     out_f, in_f = w.shape
     q = torch.empty(off.shape, dtype=torch.uint8 if maxq <= 255 else torch.int16, device=w.device)
-    for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
+    for r0, r1 in P.row_chunks(out_f, in_f, block_weights(w.device)):
         q[r0:r1] = _codes_rows(w, off, s, z, maxq, r0, r1)
     return q
 
@@ -174,9 +182,13 @@ class QuantLinearFn(torch.autograd.Function):
         # in place afterwards (some models add into a Linear's output)
         y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
         y2 = y.view(-1, out_f)  # [tokens, out]
-        for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
-            y2[:, r0:r1] = F.linear(x2, _w_hat_rows(w, off, s, z, maxq, r0, r1),
-                                    None if bias is None else bias[r0:r1])
+        chunks = P.row_chunks(out_f, in_f, block_weights(w.device))
+        for r0, r1 in chunks:
+            w_hat = _w_hat_rows(w, off, s, z, maxq, r0, r1)
+            if len(chunks) == 1:  # straight into y (what F.linear computes, without a copy of the output)
+                torch.mm(x2, w_hat.t(), out=y2) if bias is None else torch.addmm(bias, x2, w_hat.t(), out=y2)
+            else:
+                y2[:, r0:r1] = F.linear(x2, w_hat, None if bias is None else bias[r0:r1])
         ctx.save_for_backward(x, w, s, z)
         ctx.maxq, ctx.off = maxq, off
         return y
@@ -198,13 +210,17 @@ class QuantLinearFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:  # before any row of V steps
             gx = torch.empty(g2.shape[0], in_f, dtype=torch.float32, device=gy.device)  # [tokens, in]
-            for block in _col_blocks(out_f, off.shape[1], G, in_f, _CHUNK):
+            blocks = _col_blocks(out_f, off.shape[1], G, in_f, block_weights(w.device))
+            for block in blocks:
                 w_hat, (c0, c1) = _w_hat_cols(w, off, s, z, maxq, block)
-                gx[:, c0:c1] = g2.mm(w_hat)
+                if len(blocks) == 1:
+                    torch.mm(g2, w_hat, out=gx)
+                else:
+                    gx[:, c0:c1] = g2.mm(w_hat)
             gx = gx.view(*gy.shape[:-1], in_f)
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
-        for r0, r1 in P.row_chunks(out_f, in_f, _CHUNK):
+        for r0, r1 in P.row_chunks(out_f, in_f, block_weights(w.device)):
             sc, zc = s[r0:r1], z[r0:r1]
             inv_s = 1.0 / sc
             wg = P.group_view(w[r0:r1].float(), G)
