@@ -70,3 +70,18 @@ def test_low_mem_hands_freed_memory_back(monkeypatch, tmp_path):
     assert seen == []
     assert main([str(src), "--scheme", "W4G128", "-o", str(tmp_path / "b"), "--no-progress", "--low-mem"]) == 0
     assert (heap._M_MMAP_THRESHOLD, 1 << 20) in seen
+
+
+def test_streamed_runs_pin_the_threshold_by_algorithm():
+    """Streamed: layer algorithms map every tensor of 1 MiB or more, block algorithms (~4 MiB blocks of a Linear
+    re-allocated every step) those of 8 MiB or more, --low-mem 1 MiB for all, data-free runs leave glibc alone."""
+    from wq.algorithms import ALGORITHMS
+    from wq.quantize import streamed_mmap_threshold
+
+    get = ALGORITHMS.get
+    assert streamed_mmap_threshold(get("rtn"), low_mem=False) is None
+    assert streamed_mmap_threshold(get("gptq"), low_mem=False) == 1 << 20
+    for block_algo in ("autoround", "recon", "awq"):
+        assert streamed_mmap_threshold(get(block_algo), low_mem=False) == 8 << 20
+        assert streamed_mmap_threshold(get(block_algo), low_mem=True) == 1 << 20
+    assert streamed_mmap_threshold(get("rtn"), low_mem=True) == 1 << 20

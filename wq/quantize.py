@@ -389,6 +389,22 @@ def run_model_free(cfg: QuantConfig, *, progress: bool, t0: float) -> dict | Non
     return {"report": res["report"], "dirs": dirs, "summary": summary, "model": None, "tokenizer": None}
 
 
+def streamed_mmap_threshold(algo, low_mem: bool) -> int | None:
+    """The glibc mmap threshold a streamed run pins (wq.heap.return_freed_memory), or None for glibc's own.
+
+    One block at a time, what a block frees should go back to the OS, not into a heap that fragments. Layer
+    algorithms (gptq): 1 MiB, every larger tensor its own mapping (8-block gptq 450 -> 315 MiB over the
+    baseline, about +10% CPU). Block algorithms that train (autoround) allocate ~4 MiB blocks of a Linear
+    every step: 8 MiB keeps those in the heap and maps the activations and the block's larger tensors (8-block
+    autoround 756 -> 531 MiB over the baseline, CPU +2% in a paired A/B on 2 blocks, docs/streaming.md);
+    --low-mem pins 1 MiB for every algorithm (set before this). Data-free runs: glibc's own."""
+    if low_mem:
+        return 1 << 20
+    if not algo.needs_calibration:
+        return None
+    return 1 << 20 if getattr(algo, "granularity", "layer") == "layer" else 8 << 20
+
+
 def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) -> dict:
     """The default path: the model read block by block from its shards (wq.stream), memory estimated first."""
     from .algorithms import ALGORITHMS
@@ -403,13 +419,11 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     sk = Skeleton(ShardReader.open(source.path))
     algo = ALGORITHMS.get(cfg.algo)
     calibrated = algo.needs_calibration
-    if calibrated and getattr(algo, "granularity", "layer") == "layer":
-        # one block at a time: what a block frees goes back to the OS, not into a fragmenting heap (8-block gptq:
-        # 450 -> 315 MiB over the baseline, about +10% CPU). Not for block algorithms: autoround re-allocates
-        # weight-sized tensors every step, 1642 -> 1210 MiB cost it +23% CPU; --low-mem turns it on for them.
+    threshold = streamed_mmap_threshold(algo, cfg.low_mem)
+    if threshold:
         from .heap import return_freed_memory
 
-        return_freed_memory()
+        return_freed_memory(threshold)
     plan, _ = plan_layers(sk.model, cfg.scheme, skip=cfg.skip, override=cfg.override)
     from .calib.distributed import rank_world
 
