@@ -396,7 +396,7 @@ def streamed_mmap_threshold(algo, low_mem: bool) -> int | None:
     algorithms (gptq): 1 MiB, every larger tensor its own mapping (8-block gptq 450 -> 315 MiB over the
     baseline, about +10% CPU). Block algorithms that train (autoround) allocate ~4 MiB blocks of a Linear
     every step: 8 MiB keeps those in the heap and maps the activations and the block's larger tensors (8-block
-    autoround 756 -> 531 MiB over the baseline, CPU +2% in a paired A/B on 2 blocks, docs/streaming.md);
+    autoround 756 -> 541 MiB over the baseline, CPU +2% in a paired A/B on 2 blocks, docs/streaming.md);
     --low-mem pins 1 MiB for every algorithm (set before this). Data-free runs: glibc's own."""
     if low_mem:
         return 1 << 20

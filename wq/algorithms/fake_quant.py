@@ -185,8 +185,10 @@ class QuantLinearFn(torch.autograd.Function):
         chunks = P.row_chunks(out_f, in_f, block_weights(w.device))
         for r0, r1 in chunks:
             w_hat = _w_hat_rows(w, off, s, z, maxq, r0, r1)
-            if len(chunks) == 1:  # straight into y (what F.linear computes, without a copy of the output)
-                torch.mm(x2, w_hat.t(), out=y2) if bias is None else torch.addmm(bias, x2, w_hat.t(), out=y2)
+            if len(chunks) == 1 and bias is None:  # straight into y (F.linear's own product, without a copy)
+                torch.mm(x2, w_hat.t(), out=y2)
+            elif len(chunks) == 1:
+                torch.addmm(bias, x2, w_hat.t(), out=y2)
             else:
                 y2[:, r0:r1] = F.linear(x2, w_hat, None if bias is None else bias[r0:r1])
         ctx.save_for_backward(x, w, s, z)
