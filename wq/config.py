@@ -53,7 +53,8 @@ class QuantConfig:
                       "quantized, instead of warning")
     mse: bool = _f(False, "rtn: search a per-group clipping of the range that minimises the error")
     rotate: bool = _f(False, "rotate the residual stream (randomized Hadamard) and attention heads first, folded "
-                      "into the weights: the checkpoint stays a plain model (a tied lm_head gets untied, logged)")
+                      "into the weights: the checkpoint stays a plain model (a tied lm_head gets untied, logged). "
+                      "Measured on SmolLM2 (docs/quality.md): helps gptq and awq+gptq, hurts rtn, awq+rtn and autoround")
     bits_budget: float | None = _f(None, "mixed precision: average bits per quantized weight (codes, scales and "
                                    "zero points as the format writes them); each layer's scheme is chosen from "
                                    "--bits-candidates by measured sensitivity, --scheme is ignored",
