@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import primitives as P
@@ -32,7 +31,7 @@ from ..calib.distributed import all_gather_floats, all_reduce_scalar, all_reduce
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
-from .fake_quant import codes, quant_linear, quantized_forwards, ste_fp16, ste_round
+from .fake_quant import codes, linear_by_rows, quant_linear, quantized_forwards, ste_fp16, ste_round
 from .kept_codes import KeptCodes
 from .offsets import IntOffsets
 
@@ -104,12 +103,12 @@ class _Target:
         s, z = self.qparams()
         if self.kept is None:
             return quant_linear(x, self.w, s, z, self.scheme.maxq, self.bias, self.v)
-        out_f, in_f = self.w.shape
-        y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
-        for r0, r1 in P.row_chunks(out_f, in_f, _RESULT_CHUNK):  # no fp32 copy of the whole Linear
-            w_hat = ((self.kept.rows(r0, r1).float() - z[r0:r1]) * s[r0:r1]).flatten(1)[:, :in_f]
-            y[..., r0:r1] = F.linear(x, w_hat, None if self.bias is None else self.bias[r0:r1])
-        return y
+        in_f = self.w.shape[1]
+
+        def w_hat_rows(r0: int, r1: int) -> Tensor:  # [rows, in]
+            return ((self.kept.rows(r0, r1).float() - z[r0:r1]) * s[r0:r1]).flatten(1)[:, :in_f]
+
+        return linear_by_rows(x, w_hat_rows, self.bias, *self.w.shape)
 
     # the best iterate is kept as its codes, several to a byte (wq.algorithms.kept_codes: 1/2 byte a weight at
     # W4, not V's 2) and its range multipliers: the codes are all the export and the final loss need

@@ -156,6 +156,19 @@ def _w_hat_cols(w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, blo
     return qf.clamp_(0, maxq).sub_(zc).mul_(sc).flatten(1)[:, : c1 - c0], (c0, c1)
 
 
+def linear_by_rows(x: Tensor, w_hat_rows: Callable[[int, int], Tensor], bias: Tensor | None, out_f: int,
+                   in_f: int) -> Tensor:
+    """F.linear(x, w_hat, bias) [..., out] fp32 with w_hat made by w_hat_rows(r0, r1) [rows, in] a block of rows
+    at a time (block_weights), so no fp32 copy of the whole Linear exists. The output is allocated in its final
+    shape, not returned as a view: some models add into a Linear's output in place."""
+    x2 = x.reshape(-1, in_f)  # [tokens, in]
+    y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
+    y2 = y.view(-1, out_f)  # [tokens, out]
+    for r0, r1 in P.row_chunks(out_f, in_f, block_weights(x.device)):
+        y2[:, r0:r1] = F.linear(x2, w_hat_rows(r0, r1), None if bias is None else bias[r0:r1])
+    return y
+
+
 class QuantLinearFn(torch.autograd.Function):
     """y [..., out] = x [..., in] @ w_hat^T + bias, differentiable in x, s and z, and in V through `off`: dL/dV
     goes to off.add_grad (or straight into a signed step of V, see below) and off.token gets a zero gradient
@@ -176,21 +189,7 @@ class QuantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, token: Tensor, s: Tensor, z: Tensor, maxq: int,
                 bias: Tensor | None, off: IntOffsets) -> Tensor:
-        out_f, in_f = w.shape
-        x2 = x.reshape(-1, in_f)  # [tokens, in]
-        # allocated in its final shape: an output that is a view of a Function's own tensor may not be modified
-        # in place afterwards (some models add into a Linear's output)
-        y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32, device=x.device)  # [..., out]
-        y2 = y.view(-1, out_f)  # [tokens, out]
-        chunks = P.row_chunks(out_f, in_f, block_weights(w.device))
-        for r0, r1 in chunks:
-            w_hat = _w_hat_rows(w, off, s, z, maxq, r0, r1)
-            if len(chunks) == 1 and bias is None:  # straight into y (F.linear's own product, without a copy)
-                torch.mm(x2, w_hat.t(), out=y2)
-            elif len(chunks) == 1:
-                torch.addmm(bias, x2, w_hat.t(), out=y2)
-            else:
-                y2[:, r0:r1] = F.linear(x2, w_hat, None if bias is None else bias[r0:r1])
+        y = linear_by_rows(x, lambda r0, r1: _w_hat_rows(w, off, s, z, maxq, r0, r1), bias, *w.shape)
         ctx.save_for_backward(x, w, s, z)
         ctx.maxq, ctx.off = maxq, off
         return y
@@ -212,13 +211,9 @@ class QuantLinearFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:  # before any row of V steps
             gx = torch.empty(g2.shape[0], in_f, dtype=torch.float32, device=gy.device)  # [tokens, in]
-            blocks = _col_blocks(out_f, off.shape[1], G, in_f, block_weights(w.device))
-            for block in blocks:
+            for block in _col_blocks(out_f, off.shape[1], G, in_f, block_weights(w.device)):
                 w_hat, (c0, c1) = _w_hat_cols(w, off, s, z, maxq, block)
-                if len(blocks) == 1:
-                    torch.mm(g2, w_hat, out=gx)
-                else:
-                    gx[:, c0:c1] = g2.mm(w_hat)
+                gx[:, c0:c1] = g2.mm(w_hat)
             gx = gx.view(*gy.shape[:-1], in_f)
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
