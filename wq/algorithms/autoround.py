@@ -19,8 +19,10 @@ wq.primitives produces for the stored scales.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,16 @@ from ..calib.distributed import all_gather_floats, all_reduce_scalar, all_reduce
 from ..packing import PackedWeight
 from ..scheme import QuantScheme
 from .base import ALGORITHMS, Algorithm, QuantResult
-from .fake_quant import codes, linear_by_rows, quant_linear, quantized_forwards, ste_fp16, ste_round
+from .fake_quant import (
+    codes,
+    linear_by_rows,
+    patched_forwards,
+    quant_linear,
+    quantized_forwards,
+    ste_fp16,
+    ste_round,
+)
+from .gated_mlp import gated_up
 from .kept_codes import KeptCodes
 from .offsets import IntOffsets
 
@@ -253,12 +264,15 @@ def autoround_block(
     min_range: float = 0.5,
     seed: int = 0,
     micro_tokens: int = 0,
+    recompute_mlp: bool = False,
 ) -> dict[str, QuantResult]:
     """Signed-gradient rounding of every Linear named in `plan` (names relative to `block`).
 
     micro_tokens: tokens per forward and backward, in whole samples (at least one; 0: the whole minibatch at
     once). Fewer hold fewer activations and add one fp32 gradient of the block's rounding offsets (4 bytes a
     weight), summed over the micro-batches before each step: the same update up to the order of addition.
+    recompute_mlp: a gated MLP (wq.algorithms.gated_mlp) keeps only its input through the backward and recomputes
+    gate's and up's outputs a slice at a time (2 more matmuls, one tensor of its width less).
 
     inputs/targets: per calibration batch, [b, T, H] hidden states into / out of the unquantized
     block; kwargs: the other arguments of each call (rotary tables, masks). The block's own weights
@@ -300,7 +314,8 @@ def autoround_block(
     # taken in the backward, as soon as its gradient is complete, so the block's gradients are never all held
     stepper = _SignedSteps(states, min_range) if rank_world()[1] == 1 else None
     try:
-        with quantized_forwards({block.get_submodule(t.name): t.forward for t in states}):
+        with quantized_forwards({block.get_submodule(t.name): t.forward for t in states}), \
+                patched_forwards(_gated_mlps(block, states, dev, recompute_mlp)):
             # Minibatch losses of different samples are not comparable (some text is harder): score each
             # iterate by its loss relative to round-to-nearest's loss on the same samples instead.
             rtn_per_sample = all_gather_floats(_per_sample_loss(block, states, samples, bs, dev))  # V = 0: RTN
@@ -381,6 +396,42 @@ def autoround_block(
     stats = {"loss": best_loss, "best_loss": best_loss, "rtn_loss": rtn_loss, "best_iter": best_iter, "iters": iters,
              "seconds": seconds}
     return {t.name: t.result(dict(stats)) for t in states}
+
+
+def _gated_mlps(block: nn.Module, states: list[_Target], dev: torch.device, recompute: bool) -> dict[nn.Module, Callable]:
+    """{mlp: forward} for every module of `block` computing down_proj(act_fn(gate_proj(x)) * up_proj(x)) with gate_proj
+    and up_proj among `states`: its first half goes through wq.algorithms.gated_mlp (2 tensors of the intermediate
+    width through the backward with `recompute`, 3 without, instead of ~7). Call inside quantized_forwards (the check runs the Linears as
+    fake-quantized). Each candidate is checked first: its own forward on a few random tokens must give the same
+    output as the fused one, or it keeps its own (a module named alike that computes something else)."""
+    by_name = {t.name: t for t in states}
+    out: dict[nn.Module, Callable] = {}
+    for name, mod in block.named_modules():
+        pre = f"{name}." if name else ""
+        gate, up = by_name.get(pre + "gate_proj"), by_name.get(pre + "up_proj")
+        act = getattr(mod, "act_fn", None)
+        if gate is None or up is None or not callable(act) or not isinstance(getattr(mod, "down_proj", None), nn.Module):
+            continue
+        fwd = functools.partial(_gated_forward, mod, gate, up, act, recompute)
+        probe = torch.randn(1, 4, gate.w.shape[1], generator=torch.Generator().manual_seed(0)).to(dev)
+        with torch.no_grad():
+            ref, got = type(mod).forward(mod, probe), fwd(probe)
+        if isinstance(ref, Tensor) and ref.shape == got.shape and torch.allclose(ref, got, rtol=1e-4, atol=1e-6):
+            out[mod] = fwd
+        else:
+            log.info("autoround: %s is not down_proj(act_fn(gate_proj(x)) * up_proj(x)); its own forward is used",
+                     name or "the block")
+    return out
+
+
+def _gated_forward(mod: nn.Module, gate: _Target, up: _Target, act: Callable, recompute: bool, x: Tensor) -> Tensor:
+    if gate.kept is not None or up.kept is not None:  # the best iterate's codes, no gradient: the module's own way
+        return type(mod).forward(mod, x)
+    sg, zg = gate.qparams()
+    su, zu = up.qparams()
+    h = gated_up(x, act, (gate.w, sg, zg, gate.scheme.maxq, gate.bias, gate.v),
+                 (up.w, su, zu, up.scheme.maxq, up.bias, up.v), recompute)
+    return mod.down_proj(h)
 
 
 @torch.no_grad()
@@ -497,7 +548,8 @@ def _sum_over_ranks(grads: list[Tensor]) -> None:
 @ALGORITHMS.register("autoround")
 class AutoRound(Algorithm):
     """Settings: iters (200), lr (1/iters), batch_size (8 samples), seed (0), learn_range (True),
-    min_range (0.5: the smallest multiplier of a group's range), micro_tokens (see micro_tokens())."""
+    min_range (0.5: the smallest multiplier of a group's range), micro_tokens (see micro_tokens()), recompute_mlp
+    (--low-mem's default: a gated MLP recomputes gate's and up's outputs in the backward)."""
 
     name = "autoround"
     needs_calibration = True
@@ -530,6 +582,7 @@ class AutoRound(Algorithm):
             min_range=float(s.get("min_range", 0.5)),
             seed=int(s.get("seed", 0)),
             micro_tokens=self.micro_tokens(),
+            recompute_mlp=bool(s.get("recompute_mlp", s.get("low_mem", False))),
         )
 
     def micro_tokens(self) -> int:

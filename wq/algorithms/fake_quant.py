@@ -198,12 +198,7 @@ class QuantLinearFn(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x, w, s, z = ctx.saved_tensors
         maxq, off = ctx.maxq, ctx.off
-        if off.step_at is not None and off.pending <= 0:  # V would step while another call may still need it
-            raise RuntimeError("QuantLinearFn: a backward that steps V but no pending call; call the Linear "
-                               "through quant_linear(), which counts the calls")
-        off.pending = max(off.pending - 1, 0)
-        last = off.pending == 0 and off.step_at is not None
-        direct = last and off.grad is None  # dL/dV of this call alone is complete: step rows as they come
+        last, direct = backward_begins(off)
         out_f, in_f = w.shape
         G = off.shape[2]
         g2 = gy.reshape(-1, out_f)  # [tokens, out]
@@ -218,22 +213,62 @@ class QuantLinearFn(torch.autograd.Function):
         ds = torch.empty_like(s)
         dz = torch.empty_like(s)
         for r0, r1 in P.row_chunks(out_f, in_f, block_weights(w.device)):
-            sc, zc = s[r0:r1], z[r0:r1]
-            inv_s = 1.0 / sc
-            wg = P.group_view(w[r0:r1].float(), G)
-            qf = _unclamped(wg, off.values(r0, r1), inv_s, zc)  # the forward's codes, V not yet stepped
-            inside = (qf >= 0).logical_and_(qf <= maxq)
-            qz = qf.clamp_(0, maxq).sub_(zc)
-            gw = P.group_view(g2[:, r0:r1].t().mm(x2), G)  # dL/dw_hat of these rows, zero-padded [rows, ng, G]
-            du, ds[r0:r1], dz[r0:r1] = _grads(gw, wg, qz, inside, inv_s, sc)
-            if direct:
-                off.signed_step_(du, off.step_at, r0, r1)
-            else:
-                off.add_grad(r0, r1, du)
-        if last and not direct:  # summed over calls or micro-batches: complete now
-            off.signed_step_(off.take_grad(), off.step_at)
+            rows = RowCodes.of(w, off, s, z, maxq, r0, r1)  # the forward's codes, V not yet stepped
+            rows.grads_into(g2[:, r0:r1].t().mm(x2), off, direct, ds, dz)
+        backward_ends(off, last, direct)
         gtoken = torch.zeros((), device=gy.device) if ctx.needs_input_grad[2] else None
         return gx, None, gtoken, ds, dz, None, None, None
+
+
+def backward_begins(off: IntOffsets) -> tuple[bool, bool]:
+    """A backward of one call of a Linear through its offsets begins: (last, direct). last: this is the Linear's
+    last pending call and V steps after it; direct: nothing was summed before, so V's rows may step as their
+    dL/dV is computed (RowCodes.grads_into)."""
+    if off.step_at is not None and off.pending <= 0:  # V would step while another call may still need it
+        raise RuntimeError("fake quantization: a backward that steps V but no pending call; call the Linear "
+                           "through quant_linear() (or count the call in off.pending), which counts the calls")
+    off.pending = max(off.pending - 1, 0)
+    last = off.pending == 0 and off.step_at is not None
+    return last, last and off.grad is None
+
+
+def backward_ends(off: IntOffsets, last: bool, direct: bool) -> None:
+    """After every row's RowCodes.grads_into: a step of what was summed over calls or micro-batches."""
+    if last and not direct:
+        off.signed_step_(off.take_grad(), off.step_at)
+
+
+class RowCodes:
+    """The codes of rows r0:r1 of a Linear as the forward computed them, for its backward (and the w_hat the
+    forward multiplied): wg [rows, ng, G] fp32, qz = clamped codes - z, inside the clamp, 1/s."""
+
+    __slots__ = ("r0", "r1", "wg", "qz", "inside", "inv_s", "s")
+
+    @classmethod
+    def of(cls, w: Tensor, off: IntOffsets, s: Tensor, z: Tensor, maxq: int, r0: int, r1: int) -> RowCodes:
+        self = cls()
+        self.r0, self.r1, self.s = r0, r1, s[r0:r1]
+        zc = z[r0:r1]
+        self.inv_s = 1.0 / self.s
+        self.wg = P.group_view(w[r0:r1].float(), off.shape[2])
+        qf = _unclamped(self.wg, off.values(r0, r1), self.inv_s, zc)
+        self.inside = (qf >= 0).logical_and_(qf <= maxq)
+        self.qz = qf.clamp_(0, maxq).sub_(zc)
+        return self
+
+    def w_hat(self, in_f: int) -> Tensor:
+        """[rows, in] fp32: the same values as _w_hat_rows."""
+        return _ungroup(self.qz * self.s, in_f)
+
+    def grads_into(self, gw: Tensor, off: IntOffsets, direct: bool, ds: Tensor, dz: Tensor) -> None:
+        """From dL/dw_hat of these rows gw [rows, in]: d/ds, d/dz into ds, dz [out, ng, 1], and dL/dV stepped
+        (direct) or summed into the offsets."""
+        gw = P.group_view(gw, off.shape[2])  # zero-padded [rows, ng, G]
+        du, ds[self.r0:self.r1], dz[self.r0:self.r1] = _grads(gw, self.wg, self.qz, self.inside, self.inv_s, self.s)
+        if direct:
+            off.signed_step_(du, off.step_at, self.r0, self.r1)
+        else:
+            off.add_grad(self.r0, self.r1, du)
 
 
 def quant_linear(x: Tensor, w: Tensor, s: Tensor, z: Tensor, maxq: int, bias: Tensor | None,
@@ -249,17 +284,26 @@ def quantized_forwards(forwards: dict[nn.Module, Callable[[Tensor], Tensor]]) ->
     """While inside, each nn.Linear key of `forwards` computes its value(x) instead of its own forward (an
     instance `forward`, so its hooks still run; one already there, e.g. wq.calib.upcast's, comes back after).
     Its stored weight is untouched."""
+    for lin in forwards:
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"fake quantization needs an nn.Linear, got {type(lin).__name__}")
+    with patched_forwards(forwards):
+        yield
+
+
+@contextlib.contextmanager
+def patched_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """While inside, each module key of `forwards` runs its value instead of its own forward (as an instance
+    `forward`: its hooks still run; an instance forward already there comes back after)."""
     patched = []
     try:
-        for lin, fn in forwards.items():
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"fake quantization needs an nn.Linear, got {type(lin).__name__}")
-            patched.append((lin, vars(lin).get("forward")))
-            lin.forward = fn
+        for mod, fn in forwards.items():
+            patched.append((mod, vars(mod).get("forward")))
+            mod.forward = fn
         yield
     finally:
-        for lin, prev in reversed(patched):
+        for mod, prev in reversed(patched):
             if prev is None:
-                del lin.forward
+                del mod.forward
             else:
-                lin.forward = prev
+                mod.forward = prev
