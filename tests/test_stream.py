@@ -282,8 +282,18 @@ def test_memory_estimate_counts_the_block_as_calibration_holds_it(tmp_path):
     assert estimate_streamed(sk, plan, calibrated=True, **kw).terms["activations"] == 16 * widest * 4 * 3
     assert estimate_streamed(sk, plan, calibrated=True, block_algo=True, batch_size=2, **kw).terms["activations"] == 2 * 16 * widest * 4 * 3
     assert "activations" not in estimate_streamed(sk, plan, calibrated=False).terms
-    # a block algorithm that trains holds them through a backward: seven of the widest
+    # a block algorithm that trains holds them through a backward: seven of the widest through autograd, four where
+    # autoround fuses a gated MLP (three under --low-mem, which recomputes)
     assert est["activations"] == 16 * widest * 4 * 7
+    from wq.plan.memory import backward_intermediates
+
+    fused = estimate_streamed(sk, plan, calibrated=True, block_algo=True, state_per_weight=3.0,
+                              backward_widest=backward_intermediates(AutoRound, low_mem=False), **kw).terms
+    assert fused["activations"] == 16 * widest * 4 * 4
+    assert backward_intermediates(AutoRound, low_mem=True) == 3
+    from wq.algorithms.recon import Recon
+
+    assert backward_intermediates(Recon, low_mem=True) == 7
 
 
 def test_training_footprint_under_low_mem():

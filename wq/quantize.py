@@ -412,7 +412,7 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
     from .loading.skeleton import Skeleton
     from .loading.source import load_tokenizer, resolve_source
     from .nn import plan_layers
-    from .plan.memory import estimate_streamed, training_footprint
+    from .plan.memory import backward_intermediates, estimate_streamed, training_footprint
     from .stream import quantize_streamed
 
     source = resolve_source(cfg.model)  # a missing path, broken shards or an unreachable Hub: one line
@@ -434,7 +434,8 @@ def run_streamed(cfg: QuantConfig, device: str, *, progress: bool, t0: float) ->
                             nsamples=cfg.nsamples, seqlen=cfg.seqlen, processes=ranks, low_mem=cfg.low_mem,
                             device=device, hessian_budget=int(cfg.hessian_budget * 2**30),
                             reads_16bit=getattr(algo, "reads_16bit_weights", False),
-                            state_per_weight=state, batch_size=at_once)
+                            state_per_weight=state, batch_size=at_once,
+                            backward_widest=backward_intermediates(algo, low_mem=cfg.low_mem))
     log.info("%s", est.table())
     if not est.fits:
         if not cfg.force:

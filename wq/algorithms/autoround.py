@@ -563,6 +563,10 @@ class AutoRound(Algorithm):
     # --low-mem: LOW_MEM_MICRO_TOKENS per forward and backward, the block's dL/dV summed over them (4 more)
     state_bytes_per_weight_low_mem = 7.0
     low_mem_tokens = LOW_MEM_MICRO_TOKENS
+    # a gated MLP fused (wq.algorithms.gated_mlp): at down_proj's backward its input and dL/d(input), gate's and up's
+    # outputs (recomputed under --low-mem: 2 fewer); an MLP that is not gated holds about as many through autograd
+    backward_intermediates = 4
+    backward_intermediates_low_mem = 3
 
     def quantize_block(
         self,

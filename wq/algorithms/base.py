@@ -47,6 +47,10 @@ class Algorithm:
     # and holds this state instead (None: --low-mem changes neither)
     state_bytes_per_weight_low_mem: float | None = None
     low_mem_tokens: int = 0
+    # "block", training: tensors of the block's widest Linear output held at the peak of a backward (7 through
+    # autograd: a gated MLP's gate, up, activation, product and three gradients), and under --low-mem (None: same)
+    backward_intermediates: int = 7
+    backward_intermediates_low_mem: int | None = None
 
     def __init__(self, **settings):
         self.settings = settings

@@ -112,6 +112,15 @@ def rss_now() -> int:
     return 0
 
 
+def backward_intermediates(algo, *, low_mem: bool) -> int:
+    """Tensors of a block's widest Linear output a training block algorithm declares it holds at the peak of its
+    backward (7 through autograd: a gated MLP's gate, up, activation, product and three gradients)."""
+    low = getattr(algo, "backward_intermediates_low_mem", None)
+    if low_mem and low is not None:
+        return low
+    return getattr(algo, "backward_intermediates", 7)
+
+
 def training_footprint(algo, *, ranks: int, low_mem: bool, batch_size: int, seqlen: int) -> tuple[float, int]:
     """(state bytes per weight, samples per forward) a block algorithm class declares for this run: its state with
     one process or several, and under --low-mem, where it has a smaller-activation mode (autoround), that mode's
@@ -126,11 +135,12 @@ def training_footprint(algo, *, ranks: int, low_mem: bool, batch_size: int, seql
 def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: bool = False, nsamples: int = 0,
                       seqlen: int = 0, processes: int = 1, low_mem: bool = False, device: str = "cpu",
                       hessian_budget: int = 4 * 1024**3, write_buffer: int = 1024**3, reads_16bit: bool = False,
-                      state_per_weight: float = 0.0, batch_size: int = 1) -> MemoryEstimate:
+                      state_per_weight: float = 0.0, batch_size: int = 1, backward_widest: int = 7) -> MemoryEstimate:
     """What a streamed run of `plan` over `skeleton` (wq.loading.skeleton.Skeleton) will hold at its peak.
     reads_16bit / state_per_weight: a block algorithm's capabilities (wq.algorithms.base.Algorithm).
     batch_size: samples a block algorithm trains on at once (layer algorithms replay one sample at a time,
-    wq.calib.microbatch)."""
+    wq.calib.microbatch). backward_widest: tensors of the widest Linear output a training block algorithm holds at the
+    peak of its backward (backward_intermediates)."""
     from ..nn.surgery import linear_candidates
 
     reader = skeleton.reader
@@ -158,11 +168,12 @@ def estimate_streamed(skeleton, plan: dict, *, calibrated: bool, block_algo: boo
         hidden = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0) or 0
         stream = -(-nsamples // max(processes, 1)) * seqlen * hidden * 4 * (4 if block_algo else 2)
         # a forward's widest fp32 intermediates (an MLP's gate, up and their product) for the samples it runs at once;
-        # a block algorithm that trains (state to hold) holds them through a backward: the MLP's gate, up, activation
-        # and product, and the gradients of three of them (7; measured on a hidden-2048 block, 4 x 256 tokens: ~160
-        # MiB at the peak of the MLP's backward against 7 x 22)
+        # a block algorithm that trains (state to hold) holds them through a backward: through autograd the MLP's
+        # gate, up, activation and product, and the gradients of three of them (7; measured on a hidden-2048 block,
+        # 4 x 256 tokens: ~160 MiB at the peak of the MLP's backward against 7 x 22), fewer where the algorithm
+        # fuses the MLP (backward_widest)
         at_once = max(batch_size, 1) if block_algo else 1
-        widest = 7 if block_algo and state_per_weight else 3
+        widest = backward_widest if block_algo and state_per_weight else 3
         acts = at_once * seqlen * max((o for _, o in in_block.values()), default=0) * 4 * widest
     hessians = 0
     if calibrated and not block_algo:
