@@ -70,8 +70,9 @@ class GatedUpFn(torch.autograd.Function):
         gh2 = gh.reshape(-1, inter)  # [tokens, I]
         gx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None  # [tokens, H]
         ds_g, dz_g, ds_u, dz_u = (torch.empty_like(t) for t in (sg, sg, su, su))
-        # half the forward's rows a slice: two Linears' codes, w_hat and gradients of a slice are alive at once
-        for r0, r1 in P.row_chunks(inter, hid, block_weights(x.device) // 2):
+        # the forward's slices: where the width is one slice (SmolLM2-135M's 1536 at hidden 576), dL/dx too is summed as
+        # the Linears' own backward sums it, and everything is bit for bit the same
+        for r0, r1 in P.row_chunks(inter, hid, block_weights(x.device)):
             rg = RowCodes.of(wg, og, sg, zg, ctx.maxq[0], r0, r1)  # before these rows of V step
             ru = RowCodes.of(wu, ou, su, zu, ctx.maxq[1], r0, r1)
             w_g, w_u = rg.w_hat(hid), ru.w_hat(hid)  # [rows, H]
